@@ -1,0 +1,134 @@
+"""`tierlm` command line. Bad input -> one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import TierlmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="tierlm: plan and run LLMs on cheap memory (HBM, host DRAM, NVMe).")
+err = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    err.print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _weight_dtypes(values: List[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" in v:
+            comp, dtype = v.split("=", 1)
+        else:
+            comp, dtype = "*", v
+        out[comp.strip()] = dtype.strip()
+    return out
+
+
+@app.command()
+def plan(
+    models: List[str] = typer.Argument(..., help="Registry ids/aliases or paths to config.json / checkpoint dirs."),
+    context: str = typer.Option("128k", "--context", "-c", help="Comma list; k=1e3, M=1e6, Ki=2^10, Mi=2^20."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Concurrent sequences."),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp8 | fp4"),
+    indexer_dtype: str = typer.Option("bf16", "--indexer-dtype", help="bf16 | fp8 | fp4 (DSA / V4 indexer keys)"),
+    mtp: bool = typer.Option(False, "--mtp", help="Include MTP / draft layers (cache and weights)."),
+    hardware: str = typer.Option("h200", "--hardware", help="Catalog name (see `tierlm hardware`) or a JSON file."),
+    devices: Optional[int] = typer.Option(None, "--devices", "--tp", help="Devices (tensor/expert parallel). Default: fewest that fit, up to one node."),
+    layout: str = typer.Option("ideal", "--layout", help="ideal | vllm | sglang"),
+    weight_dtype: List[str] = typer.Option([], "--weight-dtype", help="COMPONENT=DTYPE or DTYPE for all, repeatable."),
+    gpu_util: float = typer.Option(0.9, "--gpu-util", help="Fraction of device memory tierlm may plan for."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON."),
+    explain: bool = typer.Option(False, "--explain", help="Print every formula with its values."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write cache-vs-context plot (.png or .svg)."),
+    export: Optional[str] = typer.Option(None, "--export", help="Print the serving flags the plan implies: vllm | sglang."),
+    allow_unknown_fields: bool = typer.Option(False, "--allow-unknown-fields", help="Ignore config fields tierlm does not know."),
+) -> None:
+    """Memory, placement, throughput and cost of MODELS at each --context."""
+    from .plan.planner import Options
+    from .plan.planner import plan as make_plan
+    from .spec.registry import load_spec
+    from .units import parse_count_list
+    try:
+        contexts = parse_count_list(context)
+        if export is not None and export not in ("vllm", "sglang"):
+            raise TierlmError(f"--export must be vllm or sglang, got {export!r}")
+        opts = Options(batch=batch, kv_dtype=kv_dtype, indexer_dtype=indexer_dtype, mtp=mtp, layout=layout,
+                       hardware=hardware, devices=devices, weight_dtypes=_weight_dtypes(weight_dtype) or None,
+                       gpu_util=gpu_util)
+        opts.check()
+        specs = [load_spec(m, allow_unknown_fields) for m in models]
+        plans = [make_plan(s, c, opts) for s in specs for c in contexts]
+        if plot:
+            from .plan.plot import plot_memory
+            plot_memory(specs, plot, kv_dtype, indexer_dtype, batch, mtp, layout)
+    except TierlmError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        sys.stdout.write(json.dumps({"plans": [p.data for p in plans]}, indent=2) + "\n")
+        return
+    if export:
+        from .plan.export import serving_flags
+        for p in plans:
+            print(f"# {p.data['model']} @ {p.data['context']} tokens")
+            print(serving_flags(p.data, export))
+        return
+    from .plan.report import print_plans
+    print_plans(plans, explain)
+    if plot:
+        Console().print(f"wrote {plot}")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the built-in model registry."""
+    from .spec.registry import entries
+    rows = [{"id": e.id, "aliases": list(e.aliases), "model_type": e.config.get("model_type"),
+             "source": e.source.get("url")} for e in entries().values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title="tierlm registry")
+    for col in ("id", "aliases", "model_type", "source"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["id"], ", ".join(r["aliases"]), str(r["model_type"]), str(r["source"]))
+    Console().print(t)
+
+
+@app.command("hardware")
+def hardware_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the hardware catalog."""
+    from .plan.hardware import catalog
+    rows = [{"name": h.name, "description": h.description, "memory_bytes": h.device_memory,
+             "bandwidth": h.device_bandwidth, "flops": h.flops, "price_per_hour": h.price_per_hour,
+             "unofficial": h.unofficial} for h in catalog().values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title="tierlm hardware catalog (per device; dense FLOPs)")
+    for col in ("name", "memory", "bandwidth", "bf16 / fp8 TFLOPS", "$/h", "description"):
+        t.add_column(col)
+    for h in catalog().values():
+        fl = " / ".join(f"{h.flops[d] / 1e12:,.0f}" if d in h.flops else "-" for d in ("bf16", "fp8"))
+        t.add_row(h.name + (" (unofficial)" if h.unofficial else ""), f"{h.device_memory / 1e9:,.0f} GB",
+                  f"{h.device_bandwidth / 1e12:.2f} TB/s", fl,
+                  "-" if h.price_per_hour is None else f"{h.price_per_hour:.2f}", h.description)
+    Console().print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

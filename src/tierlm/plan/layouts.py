@@ -1,0 +1,85 @@
+"""Byte layouts of cache records and weights.
+
+`ideal` is elements x nominal bytes (bf16 = 2, fp8 = 1, fp4 = 0.5; no scales, no padding):
+the convention of the kvcache.ai calculator. Engine layouts add what a serving engine
+really stores: quantisation scales, RoPE dims kept in bf16, block rounding and the
+sliding-window reservation. Sources for each record size are in docs/planner.md.
+"""
+
+from __future__ import annotations
+
+from ..errors import TierlmError
+from ..spec.cache import CacheStream
+from ..spec.model import LayerSpec
+
+LAYOUTS = ("ideal", "vllm", "sglang")
+CACHE_DTYPES = ("bf16", "fp8", "fp4")
+BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "fp4": 4, "int4": 4, "int32": 32}
+
+# vLLM defaults: KV block of 16 tokens for standard attention, 64 for FlashMLA, 256-token
+# logical blocks for DeepSeek-V4; max_num_batched_tokens drives the sliding-window reservation.
+VLLM_BLOCK = {"full": 16, "sliding": 16, "mla": 64, "dsa": 64, "v4": 256}
+VLLM_MAX_NUM_BATCHED_TOKENS = 8192
+SGLANG_SWA_TENTHS = 8   # swa_full_tokens_ratio = 0.8
+
+
+def record_bits(stream: CacheStream, width: int, dtype: str, layout: str, attention: str) -> int:
+    """Bits of one cache entry of `width` elements (width already split for TP)."""
+    if stream.role == "state":
+        return width * 32                       # compressor buffers are fp32 in every layout
+    if layout == "ideal":
+        return width * BITS[dtype]
+    if layout == "sglang" and attention == "v4":
+        raise TierlmError("layout 'sglang' has no documented DeepSeek-V4 record; use --layout ideal or vllm")
+    if stream.role == "indexer":
+        return 8 * _indexer_record_bytes(width, dtype)
+    if stream.rope:                             # MLA latent or V4 entry: nope part quantised, rope bf16
+        return 8 * _latent_record_bytes(width - stream.rope, stream.rope, dtype, layout, attention)
+    if dtype == "fp4":                          # NVFP4: 4-bit values + one fp8 scale per 16
+        return width * 4 + 8 * (-(-width // 16))
+    return width * BITS[dtype]
+
+
+def _indexer_record_bytes(d: int, dtype: str) -> int:
+    if dtype == "bf16":
+        return 2 * d
+    if dtype == "fp8":
+        return d + 4 * (-(-d // 128))           # fp8 keys + one fp32 scale per 128 (SGLang/vLLM)
+    return d // 2 + (-(-d // 32))               # fp4 keys + one ue8m0 scale byte per 32
+
+
+def _latent_record_bytes(nope: int, rope: int, dtype: str, layout: str, attention: str) -> int:
+    if dtype == "bf16":
+        return 2 * (nope + rope)
+    if dtype == "fp4":
+        raise TierlmError(f"layout '{layout}' has no documented fp4 record for {attention} attention; "
+                          "use --layout ideal or --kv-dtype fp8")
+    if attention == "v4":
+        # FlashMLA "MODEL1" record: fp8 nope, bf16 rope, one ue8m0 scale per 64, padded to 8 B.
+        raw = nope + 2 * rope + (-(-nope // 64))
+        return -(-raw // 8) * 8
+    if layout == "sglang" and attention == "mla":
+        return nope + rope                      # plain fp8 MLA pool in SGLang: one byte per element
+    return nope + 4 * (-(-nope // 128)) + 2 * rope   # fp8_ds_mla: 512 + 16 + 128 = 656 B
+
+
+def stored_entries(stream: CacheStream, layer: LayerSpec, tokens: int, layout: str,
+                   max_num_batched_tokens: int = VLLM_MAX_NUM_BATCHED_TOKENS) -> int:
+    """Entries one sequence of `tokens` tokens occupies under a layout."""
+    n = stream.entries(tokens)
+    if layout == "ideal" or stream.per == "fixed":
+        return n
+    if layout == "sglang":
+        if stream.per == "window":
+            # SGLang sizes the SWA pool as swa_full_tokens_ratio (0.8) x the full pool,
+            # whatever the window: a request is charged 0.8 x its tokens on SWA layers.
+            return -(-tokens * SGLANG_SWA_TENTHS // 10)
+        return n                                # page size 1
+    block = VLLM_BLOCK[layer.attention]
+    if stream.per == "window":
+        # vLLM SlidingWindowSpec: min(W - 1 + max_num_batched_tokens, max_model_len) tokens,
+        # rounded up to blocks, plus one block.
+        reserve = min(stream.window - 1 + max_num_batched_tokens, tokens)
+        return (-(-reserve // block) + 1) * block
+    per_block = max(block // stream.ratio, 1)
+    return -(-n // per_block) * per_block

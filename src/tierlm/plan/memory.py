@@ -1,0 +1,187 @@
+"""Exact cache and weight bytes from a ModelSpec.
+
+Cache bytes are summed per layer from the layer's `CacheStream`s; weight bytes per
+`ParamGroup` with the format's scale overhead. Both can be given per tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import TierlmError
+from ..spec.cache import CacheStream, layer_cache_streams
+from ..spec.model import LayerSpec, ModelSpec
+from ..spec.params import COMPONENTS, ParamGroup, param_groups
+from .layouts import BITS, CACHE_DTYPES, LAYOUTS, record_bits, stored_entries
+
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "fp8", "fp4", "int4")
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    layer: int
+    attention: str
+    compress_ratio: int
+    mtp: bool
+    kv_bytes: int
+    indexer_bytes: int
+    state_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kv_bytes + self.indexer_bytes + self.state_bytes
+
+
+def _dtype_for(stream: CacheStream, kv_dtype: str, indexer_dtype: str) -> str:
+    return indexer_dtype if stream.role == "indexer" else kv_dtype
+
+
+def check_cache_dtypes(kv_dtype: str, indexer_dtype: str, layout: str) -> None:
+    for flag, value in (("--kv-dtype", kv_dtype), ("--indexer-dtype", indexer_dtype)):
+        if value not in CACHE_DTYPES:
+            raise TierlmError(f"{flag} must be one of {', '.join(CACHE_DTYPES)}, got {value!r}")
+    if layout not in LAYOUTS:
+        raise TierlmError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def layer_cache_bytes(spec: ModelSpec, layer: LayerSpec, tokens: int, batch: int, kv_dtype: str,
+                      indexer_dtype: str, layout: str = "ideal", tp: int = 1) -> LayerCache:
+    """Bytes one layer stores for `batch` sequences of `tokens` tokens on one TP rank."""
+    sums = {"kv": 0, "indexer": 0, "state": 0}
+    for s in layer_cache_streams(spec, layer):
+        dtype = _dtype_for(s, kv_dtype, indexer_dtype)
+        bits = record_bits(s, s.width_per_rank(tp), dtype, layout, layer.attention)
+        entries = stored_entries(s, layer, tokens, layout)
+        sums[s.role] += -(-bits * entries // 8)
+    return LayerCache(layer.index, layer.attention, layer.compress_ratio, layer.mtp,
+                      sums["kv"] * batch, sums["indexer"] * batch, sums["state"] * batch)
+
+
+def cache_bytes(spec: ModelSpec, tokens: int, batch: int, kv_dtype: str, indexer_dtype: str,
+                mtp: bool = False, layout: str = "ideal", tp: int = 1) -> list[LayerCache]:
+    check_cache_dtypes(kv_dtype, indexer_dtype, layout)
+    return [layer_cache_bytes(spec, layer, tokens, batch, kv_dtype, indexer_dtype, layout, tp)
+            for layer in spec.all_layers(mtp)]
+
+
+def cache_total(layers: list[LayerCache]) -> int:
+    return sum(c.total_bytes for c in layers)
+
+
+def read_entries(stream: CacheStream, layer: LayerSpec, spec: ModelSpec, context: int) -> int:
+    """Entries one decode query at `context` reads from this stream (stored != read)."""
+    if stream.role == "state":
+        return 0
+    n = stream.entries(context)
+    ix = spec.indexer
+    if stream.name == "latent" and layer.attention == "dsa" and ix is not None:
+        return min(n, ix.topk)                 # DSA attends to the indexer's top-k only
+    if stream.name == "compressed" and layer.compress_ratio == 4 and ix is not None:
+        return min(n, ix.topk)                 # CSA: top-k compressed entries
+    return n                                   # full, window, HCA (all), indexer keys (scanned)
+
+
+def cache_read_bytes(spec: ModelSpec, context: int, kv_dtype: str, indexer_dtype: str, mtp: bool,
+                     layout: str = "ideal", tp: int = 1) -> int:
+    """Cache bytes one sequence reads per decode step (all layers, one TP rank)."""
+    total = 0
+    for layer in spec.all_layers(mtp):
+        for s in layer_cache_streams(spec, layer):
+            bits = record_bits(s, s.width_per_rank(tp), _dtype_for(s, kv_dtype, indexer_dtype),
+                               layout, layer.attention)
+            total += -(-bits * read_entries(s, layer, spec, context) // 8)
+    return total
+
+
+# ---------------------------------------------------------------------------- weights
+def default_dtype(spec: ModelSpec, g: ParamGroup) -> str:
+    q = spec.quant
+    if g.kind == "fp32":
+        return "fp32"
+    if g.kind == "int32":
+        return "int32"
+    if g.kind in ("embedding", "vector"):
+        return q.base
+    comp = g.dtype_component
+    if comp == "routed_experts":
+        return q.experts
+    if comp == "engram":
+        return q.base
+    return q.linear
+
+
+def group_bytes(spec: ModelSpec, g: ParamGroup, dtype: str) -> int:
+    """Bytes of a parameter group in `dtype`, including block-scale overhead."""
+    per = g.numel // g.count
+    data_bits = per * BITS[dtype]
+    scale = 0
+    if len(g.shape) == 2 and g.kind in ("linear", "embedding"):
+        out, inp = g.shape
+        if dtype == "fp8":
+            b0, b1 = spec.quant.block
+            scale = 4 * (-(-out // b0)) * (-(-inp // b1))   # one fp32 scale_inv per block
+        elif dtype == "fp4":
+            scale = out * (-(-inp // 32))                     # MXFP4: one e8m0 byte per 32
+        elif dtype == "int4":
+            scale = 2 * out * (-(-inp // spec.quant.group))  # bf16 scale per group
+    return g.count * (-(-data_bits // 8) + scale)
+
+
+@dataclass(frozen=True)
+class ComponentWeights:
+    component: str
+    params: int
+    bytes: int
+    bytes_per_device: int
+    dtypes: tuple[str, ...]
+
+
+def resolve_weight_dtypes(overrides: dict[str, str] | None) -> dict[str, str]:
+    out = {}
+    for comp, dtype in (overrides or {}).items():
+        if comp != "*" and comp not in COMPONENTS:
+            raise TierlmError(f"--weight-dtype: unknown component {comp!r} (one of {', '.join(COMPONENTS)})")
+        if dtype not in WEIGHT_DTYPES:
+            raise TierlmError(f"--weight-dtype: unknown dtype {dtype!r} (one of {', '.join(WEIGHT_DTYPES)})")
+        out[comp] = dtype
+    return out
+
+
+def weights(spec: ModelSpec, overrides: dict[str, str] | None = None, mtp: bool = True,
+            tp: int = 1) -> dict[str, ComponentWeights]:
+    """Per-component parameters and bytes (total and per TP/EP rank)."""
+    over = resolve_weight_dtypes(overrides)
+    acc: dict[str, list] = {}
+    for g in param_groups(spec):
+        if g.component == "mtp" and not mtp:
+            continue
+        dtype = default_dtype(spec, g)
+        if g.kind in ("linear", "embedding"):
+            dtype = over.get(g.component, over.get(g.dtype_component, over.get("*", dtype)))
+        b = group_bytes(spec, g, dtype)
+        if g.tp == "replicate" or tp == 1:
+            dev = b
+        elif g.dtype_component == "routed_experts" and spec.moe is not None:
+            e = spec.moe.num_experts          # expert parallel: whole experts per rank
+            dev = b * (-(-e // tp)) // e
+        else:
+            dev = -(-b // tp)
+        a = acc.setdefault(g.component, [0, 0, 0, set()])
+        a[0] += g.numel
+        a[1] += b
+        a[2] += dev
+        a[3].add(dtype)
+    return {c: ComponentWeights(c, *acc[c][:3], tuple(sorted(acc[c][3]))) for c in COMPONENTS if c in acc}
+
+
+def active_params(spec: ModelSpec) -> int:
+    """Parameters used per token: routed experts count top_k / num_experts; MTP excluded."""
+    total = 0
+    for g in param_groups(spec):
+        if g.component == "mtp":
+            continue
+        if g.component == "routed_experts" and spec.moe is not None:
+            total += g.numel * spec.moe.top_k // spec.moe.num_experts
+        else:
+            total += g.numel
+    return total

@@ -1,0 +1,63 @@
+"""Human output of plans: a rich comparison table (GiB and GB side by side) and --explain."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from ..units import fmt_bytes
+from .planner import Plan
+
+
+def _money(x):
+    return "n/a" if x is None else f"${x:,.4f}" if x < 1 else f"${x:,.2f}"
+
+
+def _ctx(x):
+    return "never" if x is None else f"{x:,}"
+
+
+def comparison_table(plans: list[Plan]) -> Table:
+    t = Table(title="tierlm plan", show_lines=False, title_justify="left")
+    t.add_column("", style="bold")
+    for p in plans:
+        d = p.data
+        t.add_column(f"{d['model'].split('/')[-1]}\n@ {d['context']:,} tok x {d['batch']}", justify="right")
+    rows = [
+        ("KV cache total", lambda d: fmt_bytes(d["kv_cache"]["total_bytes"])),
+        ("  attention KV", lambda d: fmt_bytes(d["kv_cache"]["kv_bytes"])),
+        ("  indexer keys", lambda d: fmt_bytes(d["kv_cache"]["indexer_bytes"])),
+        ("  fixed state", lambda d: fmt_bytes(d["kv_cache"]["state_bytes"])),
+        ("  bytes / token", lambda d: f"{d['kv_cache']['bytes_per_token']:,} B"),
+        ("  read / decode step", lambda d: fmt_bytes(d["kv_cache"]["read_bytes_per_step"])),
+        ("weights", lambda d: fmt_bytes(d["weights"]["total_bytes"])),
+        ("  params total / active", lambda d: f"{d['weights']['total_params'] / 1e9:,.1f}B / {d['weights']['active_params'] / 1e9:,.1f}B"),
+        ("hardware", lambda d: f"{d['hardware']['devices']} x {d['hardware']['name']}"),
+        ("  per device: weights + KV", lambda d: fmt_bytes(d["weights"]["per_device_bytes"] + d["kv_cache"]["per_device_bytes"])),
+        ("  fits on device", lambda d: "yes" if d["placement"]["fits_on_device"] else ("spills to host/disk" if d["placement"]["fits"] else "NO")),
+        ("  spilled per device", lambda d: fmt_bytes(sum(r["host"] + r["disk"] for r in d["placement"]["items"].values()))),
+        ("  max context on device", lambda d: f"{d['limits']['max_context_on_device']:,}"),
+        ("  min devices (all on device)", lambda d: _ctx(d["limits"]["min_devices"])),
+        ("decode tok/s (per user)", lambda d: "n/a" if "error" in d["decode"] else f"{d['decode']['tokens_per_s']:,.1f} ({d['decode']['bound']}-bound)"),
+        ("prefill time", lambda d: f"{d['prefill']['t_s']:,.2f} s"),
+        ("reload beats recompute from", lambda d: f"host {_ctx(d['reload_vs_recompute']['host']['break_even_context'])} / disk {_ctx(d['reload_vs_recompute']['disk']['break_even_context'])} tok"),
+        ("$/Mtok output / input", lambda d: f"{_money(d['cost'].get('output_per_mtok'))} / {_money(d['cost'].get('input_per_mtok'))}"),
+    ]
+    for label, fn in rows:
+        t.add_row(label, *[fn(p.data) for p in plans])
+    return t
+
+
+def print_plans(plans: list[Plan], explain: bool, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(comparison_table(plans))
+    for p in plans:
+        for note in p.data["notes"]:
+            console.print(f"[yellow]note[/yellow] {p.data['model']}: {note}", highlight=False)
+    console.print("[dim]GiB = 2^30 bytes, GB = 10^9 bytes. Layout: "
+                  f"{plans[0].data['layout']} (see docs/planner.md).[/dim]")
+    if explain:
+        for p in plans:
+            console.rule(f"{p.data['model']} @ {p.data['context']:,} tokens")
+            for title, text in p.explain:
+                console.print(f"[bold]{title}[/bold]: {text}", highlight=False)

@@ -1,0 +1,91 @@
+"""Roofline model: decode step and prefill time from bytes read per tier and FLOPs.
+
+t_step = max(FLOPs / (peak * eta_flops), sum over tiers of bytes_read_tier / (bw_tier * eta_mem))
+Sparse layers read only what they attend to (top-k, window, compressed entries), so the
+bytes read per step are computed separately from the bytes stored.
+"""
+
+from __future__ import annotations
+
+from ..spec.model import LayerSpec, ModelSpec
+
+# Efficiency defaults: aiconfigurator's mem_bw_empirical_scaling_factor (0.8, h100_sxm.yaml)
+# and llm-analysis' suggested inference FLOPs efficiency (0.7, README).
+ETA_MEM = 0.8
+ETA_FLOPS = 0.7
+
+
+def sum_floor(n: int, r: int) -> int:
+    """sum_{t=1..n} floor(t / r)."""
+    if n <= 0:
+        return 0
+    q = n // r
+    return r * (q - 1) * q // 2 + q * (n - q * r + 1)
+
+
+def sum_min_floor(n: int, r: int, k: int) -> int:
+    """sum_{t=1..n} min(floor(t / r), k)."""
+    cut = k * r - 1                  # last t with floor(t/r) < k
+    if n <= cut:
+        return sum_floor(n, r)
+    return sum_floor(cut, r) + (n - cut) * k
+
+
+def sum_min(n: int, w: int) -> int:
+    """sum_{t=1..n} min(t, w)."""
+    if n <= w:
+        return n * (n + 1) // 2
+    return w * (w + 1) // 2 + (n - w) * w
+
+
+def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative: bool = False) -> int:
+    """Attention FLOPs (QK and PV, plus indexer scoring) of one query at `context`, or of
+    all queries 1..context when `cumulative` (a causal prefill)."""
+    def entries(kind: str, r: int = 1, cap: int | None = None, window: int | None = None) -> int:
+        if window is not None:
+            return sum_min(context, window) if cumulative else min(context, window)
+        if cap is not None:
+            return sum_min_floor(context, r, cap) if cumulative else min(context // r, cap)
+        return sum_floor(context, r) if cumulative else context // r
+
+    ix = spec.indexer
+    if layer.attention in ("full", "sliding"):
+        g = spec.gqa
+        assert g is not None
+        n = entries("kv", window=layer.window if layer.attention == "sliding" else None)
+        return 2 * g.num_heads * (g.head_dim + g.v_head_dim) * n
+    if layer.attention in ("mla", "dsa"):
+        m = spec.mla
+        assert m is not None
+        # Absorbed MLA: scores over latent+rope, values over the latent.
+        per = 2 * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
+        if layer.attention == "mla":
+            return per * entries("latent")
+        assert ix is not None
+        return per * entries("latent", cap=ix.topk) + 2 * ix.n_heads * ix.head_dim * entries("index")
+    v = spec.v4
+    assert v is not None and ix is not None
+    per = 2 * v.num_heads * 2 * v.head_dim   # K = V, one shared head
+    n = entries("window", window=v.window)
+    r = layer.compress_ratio
+    flops = 0
+    if r == 4:
+        n += entries("compressed", 4, cap=ix.topk)
+        flops += 2 * ix.n_heads * ix.head_dim * entries("index", 4)
+    elif r:
+        n += entries("compressed", r)
+    return flops + per * n
+
+
+def peak_flops(flops: dict[str, float], linear_dtype: str) -> tuple[str, float] | None:
+    """The tensor peak the GEMMs run at: fp8 when weights are fp8 and the device has it."""
+    if linear_dtype in ("fp8", "fp4") and "fp8" in flops:
+        return "fp8", flops["fp8"]
+    if "bf16" in flops:
+        return "bf16", flops["bf16"]
+    return None
+
+
+def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts a batch of `tokens` routes to, under uniform routing."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)

@@ -1,0 +1,75 @@
+"""Per-layer cache specs: what each attention layer stores per token (or per sequence).
+
+A layer's cache is a list of `CacheStream`s. The planner multiplies entries by record
+size; the runtime will allocate pages from the same streams. Entry counts here are the
+*logical* ones (the `ideal` layout); engine layouts in `tierlm.plan.layouts` add record
+overheads and block rounding on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import LayerSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class CacheStream:
+    name: str          # k, v, latent, indexer, window, compressed, compressor_state, ...
+    role: str          # kv | indexer | state: which dtype flag applies (state is always fp32)
+    width: int         # elements per entry (all KV heads of the layer)
+    per: str           # token: one entry per `ratio` tokens | window: last `window` tokens | fixed
+    ratio: int = 1
+    window: int = 0
+    fixed_entries: int = 0
+    rope: int = 0      # of `width`, elements that engine layouts keep in bf16
+    kv_heads: int = 0  # >0: width is split across tensor-parallel ranks by head; 0: replicated
+
+    def entries(self, tokens: int) -> int:
+        """Entries stored for one sequence of `tokens` tokens."""
+        if self.per == "token":
+            return tokens // self.ratio
+        if self.per == "window":
+            return min(tokens, self.window)
+        return self.fixed_entries
+
+    def width_per_rank(self, tp: int) -> int:
+        """Elements per entry on one tensor-parallel rank (heads replicate when tp > heads)."""
+        if self.kv_heads == 0:
+            return self.width
+        per_head = self.width // self.kv_heads
+        return -(-self.kv_heads // tp) * per_head
+
+
+def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream, ...]:
+    kind = layer.attention
+    if kind in ("full", "sliding"):
+        g = spec.gqa
+        assert g is not None
+        per = "token" if kind == "full" else "window"
+        w = layer.window or 0
+        return (CacheStream("k", "kv", g.num_kv_heads * g.head_dim, per, window=w, kv_heads=g.num_kv_heads),
+                CacheStream("v", "kv", g.num_kv_heads * g.v_head_dim, per, window=w, kv_heads=g.num_kv_heads))
+    if kind in ("mla", "dsa"):
+        m = spec.mla
+        assert m is not None
+        latent = CacheStream("latent", "kv", m.kv_lora_rank + m.qk_rope_head_dim, "token", rope=m.qk_rope_head_dim)
+        if kind == "mla":
+            return (latent,)
+        assert spec.indexer is not None
+        return (latent, CacheStream("indexer", "indexer", spec.indexer.head_dim, "token"))
+    v = spec.v4
+    assert v is not None and spec.indexer is not None
+    r = layer.compress_ratio
+    streams = [CacheStream("window", "kv", v.head_dim, "window", window=v.window, rope=v.rope_head_dim)]
+    if r:
+        coff = 2 if r == 4 else 1   # ratio-4 compressors overlap two blocks
+        streams.append(CacheStream("compressed", "kv", v.head_dim, "token", ratio=r, rope=v.rope_head_dim))
+        # kv_state and score_state, [coff*r, coff*d] each, fp32 (official Compressor).
+        streams.append(CacheStream("compressor_state", "state", 2 * coff * v.head_dim, "fixed",
+                                   fixed_entries=coff * r))
+    if r == 4:
+        d = spec.indexer.head_dim
+        streams.append(CacheStream("indexer", "indexer", d, "token", ratio=4))
+        streams.append(CacheStream("indexer_compressor_state", "state", 2 * 2 * d, "fixed", fixed_entries=2 * 4))
+    return tuple(streams)

@@ -1,0 +1,53 @@
+"""Parsing and printing of sizes: token counts with k/M suffixes, bytes as GiB and GB."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import TierlmError
+
+# Decimal suffixes follow SI (1M = 1,000,000 tokens, the kvcache.ai convention of "the
+# integer the user types"); binary suffixes (Ki, Mi) give powers of two, the convention of
+# vLLM/DeepSeek context names (a "1M context" model has max_position_embeddings 2**20).
+_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9,
+           "Ki": 2**10, "ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+_TOKENS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|ki|Mi|Gi|k|K|M|G|)\s*$")
+
+
+def parse_count(text: str, what: str = "context") -> int:
+    """'128k' -> 128000, '1M' -> 1000000, '1Mi' -> 1048576, '4096' -> 4096."""
+    m = _TOKENS.match(str(text))
+    if not m:
+        raise TierlmError(f"{what}: cannot read {text!r} as a token count (use e.g. 4096, 128k, 1M, 1Mi)")
+    number, suffix = m.groups()
+    scale = _SUFFIX[suffix]
+    if "." in number:
+        whole, frac = number.split(".")
+        value = int(whole) * scale + int(frac) * scale // 10 ** len(frac)
+        if int(frac) * scale % 10 ** len(frac):
+            raise TierlmError(f"{what}: {text!r} is not a whole number of tokens")
+    else:
+        value = int(number) * scale
+    if value <= 0:
+        raise TierlmError(f"{what}: must be a positive number of tokens, got {text!r}")
+    return value
+
+
+def parse_count_list(text: str, what: str = "context") -> list[int]:
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise TierlmError(f"{what}: empty list")
+    return [parse_count(p, what) for p in parts]
+
+
+GiB = 2**30
+GB = 10**9
+
+
+def fmt_bytes(n: float) -> str:
+    """Both units, labelled: '9.62 GiB (10.33 GB)'."""
+    if n < 2**20:
+        return f"{n / 2**10:,.1f} KiB ({n / 1e3:,.1f} kB)"
+    if n < GiB:
+        return f"{n / 2**20:,.2f} MiB ({n / 1e6:,.2f} MB)"
+    return f"{n / GiB:,.2f} GiB ({n / GB:,.2f} GB)"
