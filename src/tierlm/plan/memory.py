@@ -6,7 +6,9 @@ Cache bytes are summed per layer from the layer's `CacheStream`s; weight bytes p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from ..errors import TierlmError
 from ..spec.cache import CacheStream, layer_cache_streams
@@ -66,6 +68,20 @@ def cache_bytes(spec: ModelSpec, tokens: int, batch: int, kv_dtype: str, indexer
 
 def cache_total(layers: list[LayerCache]) -> int:
     return sum(c.total_bytes for c in layers)
+
+
+@lru_cache(maxsize=256)
+def layer_kinds(spec: ModelSpec, mtp: bool) -> tuple[tuple[LayerSpec, int], ...]:
+    """Distinct layer structures with their multiplicity (cache bytes do not depend on the index)."""
+    counts = Counter(replace(l, index=0) for l in spec.all_layers(mtp))
+    return tuple(counts.items())
+
+
+def cache_total_bytes(spec: ModelSpec, tokens: int, batch: int, kv_dtype: str, indexer_dtype: str,
+                      mtp: bool = False, layout: str = "ideal", tp: int = 1) -> int:
+    """Same as cache_total(cache_bytes(...)), computed once per distinct layer structure."""
+    return sum(n * layer_cache_bytes(spec, layer, tokens, batch, kv_dtype, indexer_dtype, layout, tp).total_bytes
+               for layer, n in layer_kinds(spec, mtp))
 
 
 def read_entries(stream: CacheStream, layer: LayerSpec, spec: ModelSpec, context: int) -> int:
@@ -151,6 +167,12 @@ def weights(spec: ModelSpec, overrides: dict[str, str] | None = None, mtp: bool 
             tp: int = 1) -> dict[str, ComponentWeights]:
     """Per-component parameters and bytes (total and per TP/EP rank)."""
     over = resolve_weight_dtypes(overrides)
+    return dict(_weights(spec, tuple(sorted(over.items())), mtp, tp))
+
+
+@lru_cache(maxsize=4096)
+def _weights(spec: ModelSpec, over_items: tuple, mtp: bool, tp: int) -> tuple:
+    over = dict(over_items)
     acc: dict[str, list] = {}
     for g in param_groups(spec):
         if g.component == "mtp" and not mtp:
@@ -171,14 +193,23 @@ def weights(spec: ModelSpec, overrides: dict[str, str] | None = None, mtp: bool 
         a[1] += b
         a[2] += dev
         a[3].add(dtype)
-    return {c: ComponentWeights(c, *acc[c][:3], tuple(sorted(acc[c][3]))) for c in COMPONENTS if c in acc}
+    return tuple((c, ComponentWeights(c, *acc[c][:3], tuple(sorted(acc[c][3])))) for c in COMPONENTS if c in acc)
 
 
+def embedding_bytes(spec: ModelSpec, overrides: dict[str, str] | None = None) -> int:
+    """Bytes of the input embedding table (main model)."""
+    over = resolve_weight_dtypes(overrides)
+    g = next(g for g in param_groups(spec) if g.name == "embed_tokens" and g.component == "embeddings")
+    return group_bytes(spec, g, over.get("embeddings", over.get("*", default_dtype(spec, g))))
+
+
+@lru_cache(maxsize=256)
 def active_params(spec: ModelSpec) -> int:
-    """Parameters used per token: routed experts count top_k / num_experts; MTP excluded."""
+    """Parameters multiplied per token (2 FLOPs each): routed experts count top_k / num_experts,
+    the input embedding (a lookup) and MTP layers are excluded; a tied embedding counts once as the head."""
     total = 0
     for g in param_groups(spec):
-        if g.component == "mtp":
+        if g.component == "mtp" or (g.name == "embed_tokens" and not spec.tie_embeddings):
             continue
         if g.component == "routed_experts" and spec.moe is not None:
             total += g.numel * spec.moe.top_k // spec.moe.num_experts

@@ -59,8 +59,7 @@ class Options:
 def _items(spec: ModelSpec, o: Options, context: int, batch: int, tp: int) -> dict[str, int]:
     w = memory.weights(spec, o.weight_dtypes, mtp=o.mtp, tp=tp)
     cold = ("routed_experts", "mtp", "engram")
-    kv = memory.cache_total(memory.cache_bytes(spec, context, batch, o.kv_dtype, o.indexer_dtype,
-                                               o.mtp, o.layout, tp))
+    kv = memory.cache_total_bytes(spec, context, batch, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp)
     return {"hot_weights": sum(c.bytes_per_device for n, c in w.items() if n not in cold),
             "kv_cache": kv,
             "mtp": w["mtp"].bytes_per_device if "mtp" in w else 0,
@@ -69,11 +68,21 @@ def _items(spec: ModelSpec, o: Options, context: int, batch: int, tp: int) -> di
 
 
 def min_devices(spec: ModelSpec, o: Options, hw: Hardware, context: int, batch: int) -> int | None:
+    """Fewest devices holding everything on device (per-device bytes shrink as devices grow)."""
     b = budget(hw, o.gpu_util)
-    for n in range(1, MAX_DEVICES + 1):
-        if fits_device(_items(spec, o, context, batch, n), b):
-            return n
-    return None
+
+    def ok(n: int) -> bool:
+        return fits_device(_items(spec, o, context, batch, n), b)
+    hi = 1
+    while not ok(hi):
+        if hi >= MAX_DEVICES:
+            return None
+        hi = min(2 * hi, MAX_DEVICES)
+    lo = hi // 2          # ok(lo) is false (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 def plan(model: str | ModelSpec, context: int, options: Options | None = None, **kw: Any) -> Plan:
@@ -204,7 +213,9 @@ def _decode(spec, o, hw, context, tp, items, placed, w, ex) -> dict:
     if moe is not None:
         frac = roofline.expected_experts_touched(moe.num_experts, moe.top_k, B) / moe.num_experts
     kv_read = memory.cache_read_bytes(spec, context, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp) * B
-    reads = {"hot_weights": items["hot_weights"], "kv_cache": kv_read,
+    # The input embedding is a lookup of B rows, not a full read (unless tied to the head).
+    lookup = 0 if spec.tie_embeddings else -(-memory.embedding_bytes(spec, o.weight_dtypes) // tp)
+    reads = {"hot_weights": items["hot_weights"] - lookup, "kv_cache": kv_read,
              "mtp": int(items["mtp"] * (frac if moe else 1)),
              "routed_experts": int(items["routed_experts"] * frac), "engram": 0}
     by_tier = {"device": 0.0, "host": 0.0, "disk": 0.0}
@@ -222,11 +233,13 @@ def _decode(spec, o, hw, context, tp, items, placed, w, ex) -> dict:
                 return {"error": f"{hw.name} describes no {tier} bandwidth"}
             t_mem += nbytes / bw
     active = memory.active_params(spec)
-    flops = 2 * active * B / tp + B * sum(roofline.attention_flops(spec, l, context) for l in spec.all_layers(o.mtp)) / tp
+    attn = sum(n * roofline.attention_flops(spec, l, context) for l, n in memory.layer_kinds(spec, o.mtp))
+    flops = 2 * active * B / tp + B * attn / tp
     peak = roofline.peak_flops(hw.flops, spec.quant.linear if not o.weight_dtypes else o.weight_dtypes.get("*", spec.quant.linear))
     t_cmp = flops / (peak[1] * o.eta_flops) if peak else None
     t = max(t_mem, t_cmp or 0.0)
-    ex.append(("decode bytes/step", f"per device: hot weights {reads['hot_weights']:,} + routed experts "
+    ex.append(("decode bytes/step", f"per device: hot weights {reads['hot_weights']:,} (input embedding "
+               f"{lookup:,} B not read) + routed experts "
                f"{items['routed_experts']:,} x touched {frac:.4f} + KV read {kv_read:,} (batch {B}) -> "
                + ", ".join(f"{k} {v:,.0f} B" for k, v in by_tier.items())))
     ex.append(("decode time", f"t_mem = sum(bytes_tier / (bw_tier x eta {o.eta_mem})) = {t_mem * 1e3:.3f} ms; "
@@ -242,7 +255,8 @@ def _decode(spec, o, hw, context, tp, items, placed, w, ex) -> dict:
 
 def _prefill_flops(spec, o, context, batch=1) -> float:
     active = memory.active_params(spec)
-    attn = sum(roofline.attention_flops(spec, l, context, cumulative=True) for l in spec.layers)
+    attn = sum(n * roofline.attention_flops(spec, l, context, cumulative=True)
+               for l, n in memory.layer_kinds(spec, False))
     return float(batch) * (2 * active * context + attn)
 
 
@@ -275,7 +289,7 @@ def _reload(spec, o, hw, tp, ex) -> dict:
             continue
 
         def reload_wins(s: int) -> bool:
-            nbytes = memory.cache_total(memory.cache_bytes(spec, s, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp))
+            nbytes = memory.cache_total_bytes(spec, s, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp)
             return nbytes / bw < _prefill_flops(spec, o, s) / tp / (peak[1] * o.eta_flops)
 
         grid = [1 << i for i in range(0, 40) if 1 << i <= spec.max_position] + [spec.max_position]
@@ -302,7 +316,7 @@ def _cost(hw, tp, decode, prefill, spec, o, context, ex) -> dict:
         return {"price_per_hour": None, "note": f"{hw.name} has no price_per_hour; add one in a hardware file"}
     price = hw.price_per_hour * tp
     per_tok = lambda tps: price / (tps * 3600) * 1e6
-    kv1 = memory.cache_total(memory.cache_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp))
+    kv1 = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp)
     per_token_kv = kv1 / context
     hit = {}
     for tier in ("device", "host", "disk"):

@@ -132,6 +132,15 @@ class ModelSpec:
     notes: tuple[str, ...] = ()      # values taken from class defaults, for --explain
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __hash__(self) -> int:
+        # Specs key the planner's caches; hash the (large, immutable) layer tuples only once.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.name, self.family, self.layers, self.mtp_layers, self.gqa, self.mla,
+                           self.indexer, self.v4, self.moe, self.quant, self.engram, self.hidden_size))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)

@@ -38,6 +38,11 @@ class ParamGroup:
 
 
 def param_groups(spec: ModelSpec) -> list[ParamGroup]:
+    return list(_param_groups(spec))
+
+
+@lru_cache(maxsize=256)
+def _param_groups(spec: ModelSpec) -> tuple[ParamGroup, ...]:
     h, V = spec.hidden_size, spec.vocab_size
     out = [ParamGroup("embeddings", "embed_tokens", (V, h), kind="embedding")]
     if not spec.tie_embeddings:
@@ -59,7 +64,7 @@ def param_groups(spec: ModelSpec) -> list[ParamGroup]:
         out += [_as_mtp(g) for g in _layer_groups(spec, layer) + _mtp_extra(spec)]
     if spec.engram is not None:
         out += _engram_groups(spec)
-    return out
+    return tuple(out)
 
 
 def _times(g: ParamGroup, n: int) -> ParamGroup:
