@@ -38,7 +38,7 @@ def comparison_table(plans: list[Plan]) -> Table:
         ("  spilled per device", lambda d: fmt_bytes(sum(r["host"] + r["disk"] for r in d["placement"]["items"].values()))),
         ("  max context on device", lambda d: f"{d['limits']['max_context_on_device']:,}"),
         ("  min devices (all on device)", lambda d: _ctx(d["limits"]["min_devices"])),
-        ("decode tok/s (per user)", lambda d: "n/a" if "error" in d["decode"] else f"{d['decode']['tokens_per_s']:,.1f} ({d['decode']['bound']}-bound)"),
+        ("decode tok/s (all sequences)", lambda d: "n/a" if "error" in d["decode"] else f"{d['decode']['tokens_per_s']:,.1f} ({d['decode']['bound']}-bound)"),
         ("prefill time", lambda d: f"{d['prefill']['t_s']:,.2f} s"),
         ("reload beats recompute from", lambda d: f"host {_ctx(d['reload_vs_recompute']['host']['break_even_context'])} / disk {_ctx(d['reload_vs_recompute']['disk']['break_even_context'])} tok"),
         ("$/Mtok output / input", lambda d: f"{_money(d['cost'].get('output_per_mtok'))} / {_money(d['cost'].get('input_per_mtok'))}"),
