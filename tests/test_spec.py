@@ -134,7 +134,7 @@ def test_v4_contradictions():
     with pytest.raises(ConfigError, match="compress_ratios"):
         parse_config(dict(cfg, compress_ratios=[4] * 10))
     with pytest.raises(ConfigError, match=r"compress_ratios\[0\]"):
-        parse_config(dict(cfg, compress_ratios=[3] + cfg["compress_ratios"][1:]))
+        parse_config(dict(cfg, compress_ratios=[-4] + cfg["compress_ratios"][1:]))
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         parse_config(dict(cfg, num_key_value_heads=8))
 

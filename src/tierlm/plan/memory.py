@@ -92,7 +92,7 @@ def read_entries(stream: CacheStream, layer: LayerSpec, spec: ModelSpec, context
     ix = spec.indexer
     if stream.name == "latent" and layer.attention == "dsa" and ix is not None:
         return min(n, ix.topk)                 # DSA attends to the indexer's top-k only
-    if stream.name == "compressed" and layer.compress_ratio == 4 and ix is not None:
+    if stream.name == "compressed" and layer.csa and ix is not None:
         return min(n, ix.topk)                 # CSA: top-k compressed entries
     return n                                   # full, window, HCA (all), indexer keys (scanned)
 

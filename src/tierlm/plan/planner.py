@@ -181,11 +181,11 @@ def _explain_cache(ex, spec, o, context, layers) -> None:
     from .layouts import record_bits, stored_entries
     seen = set()
     for layer in spec.all_layers(o.mtp):
-        key = (layer.attention, layer.compress_ratio, layer.window)
+        key = (layer.attention, layer.compress_ratio, layer.window, layer.csa)
         if key in seen:
             continue
         seen.add(key)
-        n = sum(1 for l in spec.all_layers(o.mtp) if (l.attention, l.compress_ratio, l.window) == key)
+        n = sum(1 for l in spec.all_layers(o.mtp) if (l.attention, l.compress_ratio, l.window, l.csa) == key)
         parts = []
         for s in layer_cache_streams(spec, layer):
             dtype = o.indexer_dtype if s.role == "indexer" else ("fp32" if s.role == "state" else o.kv_dtype)
@@ -194,7 +194,8 @@ def _explain_cache(ex, spec, o, context, layers) -> None:
             how = {"token": f"floor({context}/{s.ratio})" if s.ratio > 1 else f"{context}",
                    "window": f"min({context}, {s.window})", "fixed": "fixed"}[s.per]
             parts.append(f"{s.name}: {e:,} entries [{how}] x {bits / 8:g} B ({s.width} el, {dtype})")
-        label = layer.attention + (f" ratio {layer.compress_ratio}" if layer.attention == "v4" else "") \
+        label = layer.attention + (f" {'csa' if layer.csa else 'hca' if layer.compress_ratio else 'swa'} ratio "
+                                   f"{layer.compress_ratio}" if layer.attention == "v4" else "") \
             + (f" window {layer.window}" if layer.attention == "sliding" else "")
         ex.append((f"cache {label} x{n} layers", "; ".join(parts) + f"; x batch {o.batch}"))
     total = memory.cache_total(layers)

@@ -69,9 +69,9 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative:
     n = entries("window", window=v.window)
     r = layer.compress_ratio
     flops = 0
-    if r == 4:
-        n += entries("compressed", 4, cap=ix.topk)
-        flops += 2 * ix.n_heads * ix.head_dim * entries("index", 4)
+    if layer.csa:
+        n += entries("compressed", r, cap=ix.topk)
+        flops += 2 * ix.n_heads * ix.head_dim * entries("index", r)
     elif r:
         n += entries("compressed", r)
     return flops + per * n

@@ -63,13 +63,13 @@ def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream,
     r = layer.compress_ratio
     streams = [CacheStream("window", "kv", v.head_dim, "window", window=v.window, rope=v.rope_head_dim)]
     if r:
-        coff = 2 if r == 4 else 1   # ratio-4 compressors overlap two blocks
+        coff = 2 if layer.csa else 1   # CSA compressors overlap two blocks
         streams.append(CacheStream("compressed", "kv", v.head_dim, "token", ratio=r, rope=v.rope_head_dim))
         # kv_state and score_state, [coff*r, coff*d] each, fp32 (official Compressor).
         streams.append(CacheStream("compressor_state", "state", 2 * coff * v.head_dim, "fixed",
                                    fixed_entries=coff * r))
-    if r == 4:
+    if layer.csa:
         d = spec.indexer.head_dim
-        streams.append(CacheStream("indexer", "indexer", d, "token", ratio=4))
-        streams.append(CacheStream("indexer_compressor_state", "state", 2 * 2 * d, "fixed", fixed_entries=2 * 4))
+        streams.append(CacheStream("indexer", "indexer", d, "token", ratio=r))
+        streams.append(CacheStream("indexer_compressor_state", "state", 2 * 2 * d, "fixed", fixed_entries=2 * r))
     return tuple(streams)

@@ -70,6 +70,7 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
     cfg = dict(cfg)
     model_type = cfg.get("model_type")
     outer_quant = None
+    notes = []
     if model_type in WRAPPERS or (model_type is None and "text_config" in cfg):
         text = cfg.get("text_config")
         if not isinstance(text, dict):
@@ -82,6 +83,8 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         for key in ("tie_word_embeddings", "torch_dtype", "dtype"):
             if key in cfg and key not in inner:
                 inner[key] = cfg[key]
+        if "vision_config" in cfg:
+            notes.append("vision tower (vision_config) weights are not counted; the plan covers the language model")
         cfg = inner
         model_type = cfg.get("model_type")
         if model_type is None:
@@ -97,7 +100,6 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         raise ConfigError(f"field 'model_type' must be a string, got {model_type!r}")
     if model_type not in FAMILIES:
         raise ConfigError(f"unknown model_type '{model_type}' (supported: {', '.join(FAMILIES)})")
-    notes = []
     for key, value in CLASS_DEFAULTS.get(model_type, {}).items():
         if key not in cfg and not (key == "sliding_window_pattern" and "layer_types" in cfg):
             cfg[key] = value
@@ -260,7 +262,7 @@ def _gqa_moe(f: Fields, family: str, n: int) -> tuple[MoEConfig | None, list[str
     if family in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"):
         return None, ["dense"] * n
     if family == "qwen3_moe":
-        experts = f.int("num_experts")
+        experts = f.int("num_experts", aliases=("num_local_experts",))
         width = f.int("moe_intermediate_size")
         step = f.int("decoder_sparse_step", 1)
         only = set(f.int_list("mlp_only_layers", []))
@@ -300,6 +302,20 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
     if family in ("deepseek_v32", "glm_moe_dsa"):
         indexer = IndexerConfig(f.int("index_n_heads"), f.int("index_head_dim"), f.int("index_topk"))
     moe, ffn = _deepseek_moe(f, n, router_bias=family != "deepseek_v2")
+    _check(not f.bool("mlp_bias", False), "field 'mlp_bias' true is not supported for MLA models")
+    if f.has("layer_types"):   # transformers v5 saves e.g. ["indexed_attention", ...]
+        types = f.str_list("layer_types")
+        _check(len(types) == n, f"field 'layer_types' has {len(types)} entries but 'num_hidden_layers' is {n}")
+        allowed = ("indexed_attention",) if family in ("deepseek_v32", "glm_moe_dsa") else ("full_attention", "attention")
+        for i, t in enumerate(types):
+            _check(t in allowed, f"field 'layer_types[{i}]' must be {' or '.join(allowed)} for {family}, got {t!r}")
+    if f.has("mlp_layer_types"):  # transformers v5: "dense" / "sparse" per layer
+        kinds = f.str_list("mlp_layer_types")
+        _check(len(kinds) == n, f"field 'mlp_layer_types' has {len(kinds)} entries but 'num_hidden_layers' is {n}")
+        for i, k in enumerate(kinds):
+            _check(k in ("dense", "sparse"), f"field 'mlp_layer_types[{i}]' must be dense or sparse, got {k!r}")
+            _check((k == "dense") == (ffn[i] == "dense"), f"field 'mlp_layer_types[{i}]' ({k}) contradicts "
+                   f"'first_k_dense_replace' / 'moe_layer_freq'")
     n_mtp = f.int("num_nextn_predict_layers", 0, minimum=0)
     kind = "dsa" if indexer else "mla"
     layers = tuple(LayerSpec(i, kind, ffn[i]) for i in range(n))
@@ -374,9 +390,10 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
     width = f.int("moe_intermediate_size")
     shared = f.int("n_shared_experts", minimum=0)
     moe = MoEConfig(experts, top_k, width, shared, shared * width, router_bias=True)
-    layers = tuple(LayerSpec(i, "v4", ffn[i], v4.window, ratios[i]) for i in range(n))
-    mtp_layers = tuple(LayerSpec(n + i, "v4", "moe", v4.window, ratios[n + i] if n + i < len(ratios) else 0,
-                                 mtp=True) for i in range(n_mtp))
+    layers = tuple(LayerSpec(i, "v4", ffn[i], v4.window, ratios[i][0], csa=ratios[i][1]) for i in range(n))
+    mtp_ratio = [ratios[n + i] if n + i < len(ratios) else (0, False) for i in range(n_mtp)]
+    mtp_layers = tuple(LayerSpec(n + i, "v4", "moe", v4.window, r, mtp=True, csa=csa)
+                       for i, (r, csa) in enumerate(mtp_ratio))
     f.ignore("intermediate_size", "compress_rate_csa", "compress_rate_hca", "attention_bias", "mlp_bias",
              "compress_rope_theta")
     return ModelSpec(
@@ -387,25 +404,26 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
         quant=_parse_quant(f, "deepseek_v4"), config=f.cfg)
 
 
-def _v4_ratios(f: Fields, wanted: int) -> list[int]:
+def _v4_ratios(f: Fields, wanted: int) -> list[tuple[int, bool]]:
+    """(compress ratio, is CSA) per layer, from the official `compress_ratios` (0 = window
+    only, 4 = CSA, any other ratio = HCA, as in the official code) or transformers'
+    `layer_types` + `compress_rates`."""
     if f.has("compress_ratios"):
         f.ignore("layer_types", "compress_rates")
         ratios = f.int_list("compress_ratios")
-    else:
-        types = f.str_list("layer_types", aliases=())
-        rates = dict(_V4_TYPES)
-        sub = f.sub("compress_rates")
-        if sub is not None:
-            rates["compressed_sparse_attention"] = sub.int("compressed_sparse_attention", 4)
-            rates["heavily_compressed_attention"] = sub.int("heavily_compressed_attention", 128)
-            sub.check_unknown("deepseek_v4")
-        ratios = []
-        for i, t in enumerate(types):
-            _check(t in rates, f"field 'layer_types[{i}]' must be one of {', '.join(rates)}, got {t!r}")
-            ratios.append(rates[t])
-    for i, r in enumerate(ratios):
-        _check(r in (0, 4, 128), f"field 'compress_ratios[{i}]' must be 0, 4 or 128, got {r}")
-    return ratios
+        return [(r, r == 4) for r in ratios]
+    types = f.str_list("layer_types")
+    rates = dict(_V4_TYPES)
+    sub = f.sub("compress_rates")
+    if sub is not None:
+        rates["compressed_sparse_attention"] = sub.int("compressed_sparse_attention", 4)
+        rates["heavily_compressed_attention"] = sub.int("heavily_compressed_attention", 128)
+        sub.check_unknown("deepseek_v4")
+    out = []
+    for i, t in enumerate(types):
+        _check(t in rates, f"field 'layer_types[{i}]' must be one of {', '.join(rates)}, got {t!r}")
+        out.append((rates[t], t == "compressed_sparse_attention"))
+    return out
 
 
 # ---------------------------------------------------------------------------- shared blocks

@@ -33,7 +33,8 @@ METADATA_KEYS = frozenset({
     "compress_rope_theta", "partial_rotary_factor", "mtp_loss_scaling_factor",
     "experts_per_token_scale", "use_qk_norm_bias", "router_dtype", "layer_norm_epsilon",
     "index_topk_freq", "indexer_rope_interleave", "rope_type", "initial_context_length",
-    "mlp_intermediate_size", "ep_size",
+    "mlp_intermediate_size", "ep_size", "_sliding_window_pattern", "swiglu_alpha", "hidden_activation",
+    "use_bidirectional_attention",
     # PretrainedConfig defaults that older transformers versions saved into every config.
     "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "cross_attention_hidden_size",
     "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping",

@@ -89,12 +89,13 @@ class LayerSpec:
     attention: str                   # one of ATTENTION_KINDS
     ffn: str                         # one of FFN_KINDS
     window: int | None = None        # sliding / v4 window
-    compress_ratio: int = 0          # v4 only: 0, 4 or 128
+    compress_ratio: int = 0          # v4 only: 0 = window only, else tokens per compressed entry
     mtp: bool = False                # a multi-token-prediction (draft) layer
+    csa: bool = False                # v4: compressed *sparse* attention (overlapping compressor + indexer)
 
     @property
     def has_indexer(self) -> bool:
-        return self.attention == "dsa" or (self.attention == "v4" and self.compress_ratio == 4)
+        return self.attention == "dsa" or (self.attention == "v4" and self.csa)
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,10 @@ def _param_groups(spec: ModelSpec) -> tuple[ParamGroup, ...]:
     # Layers with identical structure share groups; count them once with a multiplicity.
     shapes: dict[tuple, int] = {}
     for layer in spec.layers:
-        key = (layer.attention, layer.ffn, layer.compress_ratio)
+        key = (layer.attention, layer.ffn, layer.compress_ratio, layer.csa)
         shapes[key] = shapes.get(key, 0) + 1
-    for (attention, ffn, ratio), n in shapes.items():
-        out += [_times(g, n) for g in _layer_groups(spec, LayerSpec(0, attention, ffn, compress_ratio=ratio))]
+    for (attention, ffn, ratio, csa), n in shapes.items():
+        out += [_times(g, n) for g in _layer_groups(spec, LayerSpec(0, attention, ffn, compress_ratio=ratio, csa=csa))]
     for layer in spec.mtp_layers:
         out += [_as_mtp(g) for g in _layer_groups(spec, layer) + _mtp_extra(spec)]
     if spec.engram is not None:
@@ -146,16 +146,16 @@ def _attention_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
            ParamGroup(A, "attn_sink", (v.num_heads,), kind="fp32")]
     r = layer.compress_ratio
     if r:
-        out += _compressor(A, "compressor", h, v.head_dim, r)
-    if r == 4:
+        out += _compressor(A, "compressor", h, v.head_dim, r, layer.csa)
+    if layer.csa:
         out += [ParamGroup(A, "indexer.wq_b", (ix.n_heads * ix.head_dim, v.q_lora_rank), tp="replicate"),
                 ParamGroup(A, "indexer.weights_proj", (ix.n_heads, h), tp="replicate")]
-        out += _compressor(A, "indexer.compressor", h, ix.head_dim, 4)
+        out += _compressor(A, "indexer.compressor", h, ix.head_dim, r, True)
     return out
 
 
-def _compressor(component: str, name: str, h: int, d: int, ratio: int) -> list[ParamGroup]:
-    coff = 2 if ratio == 4 else 1
+def _compressor(component: str, name: str, h: int, d: int, ratio: int, overlap: bool) -> list[ParamGroup]:
+    coff = 2 if overlap else 1
     return [ParamGroup(component, f"{name}.wkv", (coff * d, h), kind="fp32", tp="replicate"),
             ParamGroup(component, f"{name}.wgate", (coff * d, h), kind="fp32", tp="replicate"),
             ParamGroup(component, f"{name}.ape", (ratio, coff * d), kind="fp32", tp="replicate"),
@@ -178,11 +178,12 @@ def _ffn_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
     m = spec.moe
     assert m is not None
     out = _mlp("routed_experts", "experts", h, m.expert_intermediate, m.num_experts, m.expert_bias)
+    # Hash-routed layers pick experts from a frozen token-id table (their gate still weights
+    # the picked experts); routed layers select with the gate plus a selection bias.
+    out.append(ParamGroup("router", "gate", (m.num_experts, h), kind="embedding", tp="replicate"))
     if layer.ffn == "hash_moe":
-        # Hash-routed layers pick experts from a frozen token-id table instead of a router.
         out.append(ParamGroup("router", "tid2eid", (spec.vocab_size, m.top_k), kind="int32", tp="replicate"))
     else:
-        out.append(ParamGroup("router", "gate", (m.num_experts, h), kind="embedding", tp="replicate"))
         if m.router_bias:
             out.append(ParamGroup("router", "gate_bias", (m.num_experts,), kind="fp32", tp="replicate"))
     if m.num_shared:
