@@ -36,12 +36,17 @@ def _cases():
         "gpt_oss": (t.GptOssConfig, t.GptOssForCausalLM, dict(num_key_value_heads=2, head_dim=8, intermediate_size=16,
                                                              num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                              sliding_window=16)),
+        "minimax_m2": (t.MiniMaxM2Config, t.MiniMaxM2ForCausalLM, dict(num_key_value_heads=2, head_dim=8, intermediate_size=16,
+                                                                      num_hidden_layers=2, num_local_experts=4,
+                                                                      num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
         "deepseek_v2": (t.DeepseekV2Config, t.DeepseekV2ForCausalLM, dict(num_hidden_layers=3, **dict(mla, q_lora_rank=None), **moe_ds)),
         "deepseek_v3": (t.DeepseekV3Config, t.DeepseekV3ForCausalLM, dict(num_hidden_layers=3, **mla, **moe_ds)),
         "deepseek_v32": (t.DeepseekV32Config, t.DeepseekV32ForCausalLM, dict(num_hidden_layers=3, index_n_heads=2, index_head_dim=8,
                                                                             index_topk=4, **mla, **moe_ds)),
         "glm_moe_dsa": (t.GlmMoeDsaConfig, t.GlmMoeDsaForCausalLM, dict(num_hidden_layers=3, index_n_heads=2, index_head_dim=8,
                                                                        index_topk=4, **mla, **moe_ds)),
+        "glm_moe_dsa_indexshare": (t.GlmMoeDsaConfig, t.GlmMoeDsaForCausalLM, dict(
+            num_hidden_layers=4, index_n_heads=2, index_head_dim=8, index_topk=4, index_topk_pattern="FSFS", **mla, **moe_ds)),
         "deepseek_v4": (t.DeepseekV4Config, t.DeepseekV4ForCausalLM, dict(
             num_hidden_layers=4, head_dim=16, q_lora_rank=16, o_groups=2, o_lora_rank=8, n_routed_experts=4,
             num_experts_per_tok=2, moe_intermediate_size=16, sliding_window=4, index_n_heads=2, index_head_dim=8,
@@ -87,6 +92,17 @@ def test_saved_config_parses_and_param_count_matches(saved, name):
     # transformers does not instantiate MTP layers, so compare without them.
     ours = sum(c.params for c in weights(spec, mtp=False).values())
     assert ours == _checkpoint_numel(d), json.loads((d / "config.json").read_text())["model_type"]
+
+
+def test_indexshare_layers_cache_no_indexer_keys(saved):
+    # GLM-5.x IndexShare: "shared" layers reuse the previous top-k, so they store only the
+    # 16 + 4 latent (bf16), while "full" layers add an 8-wide indexer key.
+    d, cfg = saved["glm_moe_dsa_indexshare"]
+    spec = load_spec(str(d))
+    assert [l.shared_indexer for l in spec.layers] == [t == "shared" for t in cfg.indexer_types]
+    c = cache_bytes(spec, 10, 1, "bf16", "bf16")
+    assert [x.indexer_bytes for x in c] == [10 * 8 * 2, 0, 10 * 8 * 2, 0]
+    assert all(x.kv_bytes == 10 * 20 * 2 for x in c)
 
 
 def test_layer_kinds_follow_transformers(saved):

@@ -53,5 +53,4 @@ def serving_flags(data: dict, engine: str) -> str:
 
 
 def _dev_mem(d: dict) -> int:
-    from .hardware import load_hardware
-    return load_hardware(d["hardware"]["name"]).device_memory
+    return d["hardware"]["device_memory_bytes"]

@@ -92,8 +92,30 @@ class _Reader:
         return int(node) if integer else float(node)
 
 
+# Keys a hardware file may hold, per section; anything else is a misspelling and an error.
+SCHEMA = {
+    "": {"name", "aliases", "description", "unofficial", "device", "interconnect", "host", "disk", "price_per_hour", "notes"},
+    "device": {"memory_bytes", "memory_bandwidth", "flops"},
+    "interconnect": {"bandwidth", "domain_size"},
+    "host": {"devices_per_node", "memory_bytes", "memory_bandwidth", "link_bandwidth", "link"},
+    "disk": {"read_bandwidth", "write_bandwidth", "capacity_bytes"},
+}
+
+
+def _check_keys(data: dict, where: str) -> None:
+    for section, allowed in SCHEMA.items():
+        node = data if not section else data.get(section, {})
+        if not isinstance(node, dict):
+            raise HardwareError(f"{where}: field '{section}' must be an object")
+        for key in node:
+            if key not in allowed:
+                path = f"{section}.{key}" if section else key
+                raise HardwareError(f"{where}: unknown field '{path}' (allowed here: {', '.join(sorted(allowed))})")
+
+
 def parse_hardware(data: Any, where: str = "hardware") -> Hardware:
     r = _Reader(data, where)
+    _check_keys(data, where)
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise HardwareError(f"{where}: missing field 'name'")

@@ -14,7 +14,7 @@ from ..spec.model import LayerSpec
 
 LAYOUTS = ("ideal", "vllm", "sglang")
 CACHE_DTYPES = ("bf16", "fp8", "fp4")
-BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "fp4": 4, "int4": 4, "int32": 32}
+BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "fp4": 4, "int4": 4, "int32": 32}
 
 # vLLM defaults: KV block of 16 tokens for standard attention, 64 for FlashMLA, 256-token
 # logical blocks for DeepSeek-V4; max_num_batched_tokens drives the sliding-window reservation.

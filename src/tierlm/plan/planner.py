@@ -85,6 +85,17 @@ def min_devices(spec: ModelSpec, o: Options, hw: Hardware, context: int, batch: 
     return hi
 
 
+def _auto_devices(spec: ModelSpec, o: Options, hw: Hardware, context: int, batch: int) -> int:
+    """Fewest devices of one node that hold everything, among tensor-parallel sizes engines
+    accept (powers of two dividing the attention heads); else the largest such size."""
+    b = budget(hw, o.gpu_util)
+    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= hw.devices_per_node and spec.num_heads % n == 0] or [1]
+    for n in sizes:
+        if fits_device(_items(spec, o, context, batch, n), b):
+            return n
+    return sizes[-1]
+
+
 def plan(model: str | ModelSpec, context: int, options: Options | None = None, **kw: Any) -> Plan:
     """Plan one model at one context. `kw` are Options fields (batch=, kv_dtype=, ...)."""
     o = options or Options(**kw)
@@ -107,8 +118,7 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
     auto = o.devices is None
     tp = o.devices
     if tp is None:
-        need = min_devices(spec, o, hw, context, B)
-        tp = need if need is not None and need <= hw.devices_per_node else hw.devices_per_node
+        tp = _auto_devices(spec, o, hw, context, B)
     w = memory.weights(spec, o.weight_dtypes, mtp=o.mtp, tp=tp)
     items = _items(spec, o, context, B, tp)
     b = budget(hw, o.gpu_util)
@@ -164,7 +174,7 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
             "per_device_bytes": sum(c.bytes_per_device for c in w.values()),
             "components": comps,
         },
-        "hardware": {"name": hw.name, "devices": tp, "devices_chosen": "auto" if auto else "user",
+        "hardware": {"name": hw.name, "devices": tp, "device_memory_bytes": hw.device_memory, "devices_chosen": "auto" if auto else "user",
                      "device_budget_bytes": b.device, "host_budget_bytes": b.host, "disk_budget_bytes": b.disk,
                      "unofficial": hw.unofficial},
         "placement": {"items": placed, "fits_on_device": on_device, "fits": anywhere},
@@ -203,12 +213,19 @@ def _explain_cache(ex, spec, o, context, layers) -> None:
 
 
 def _tier_bw(hw: Hardware, tier: str, eta: float) -> float:
-    return {"device": hw.device_bandwidth * eta, "host": hw.host_read_bandwidth * eta,
-            "disk": hw.disk_read_per_device}[tier]
+    """Effective read bandwidth of a tier for one device; 0 when the hardware has no such tier."""
+    if tier == "device":
+        return hw.device_bandwidth * eta
+    if tier == "host":
+        return hw.host_read_bandwidth * eta if hw.host_memory > 0 else 0.0
+    return hw.disk_read_per_device * eta if hw.disk_capacity > 0 else 0.0
 
 
 def _decode(spec, o, hw, context, tp, items, placed, w, ex) -> dict:
     B = o.batch
+    unplaced = sum(row["unplaced"] for row in placed.values())
+    if unplaced:
+        return {"error": f"does not fit: {unplaced:,} B per device have no room on device, host or disk"}
     moe = spec.moe
     frac = 1.0
     if moe is not None:
@@ -313,8 +330,10 @@ def _reload(spec, o, hw, tp, ex) -> dict:
 
 
 def _cost(hw, tp, decode, prefill, spec, o, context, ex) -> dict:
-    if hw.price_per_hour is None or "error" in decode:
+    if hw.price_per_hour is None:
         return {"price_per_hour": None, "note": f"{hw.name} has no price_per_hour; add one in a hardware file"}
+    if "error" in decode:
+        return {"price_per_hour": hw.price_per_hour * tp, "note": decode["error"]}
     price = hw.price_per_hour * tp
     per_tok = lambda tps: price / (tps * 3600) * 1e6
     kv1 = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp)
@@ -324,13 +343,18 @@ def _cost(hw, tp, decode, prefill, spec, o, context, ex) -> dict:
         bw = _tier_bw(hw, tier, o.eta_mem)
         hit[tier] = price / 3600 * per_token_kv * 1e6 / bw if bw > 0 else None
     rates = tier_prices()
-    hold = {"device": kv1 / GB * hw.price_per_hour / (hw.device_memory / GB),
-            "host": kv1 / GB * rates["host_dram_per_gb_hour"] if "host_dram_per_gb_hour" in rates else None,
-            "disk": kv1 / GB * rates["nvme_per_gb_hour"] if "nvme_per_gb_hour" in rates else None}
+    # One copy of the cache on host or disk; on the device every rank holds its share
+    # (a full copy for replicated MLA / V4 latents).
+    one_copy = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout)
+    hold = {"device": kv1 * tp / GB * hw.price_per_hour / (hw.device_memory / GB),
+            "host": one_copy / GB * rates["host_dram_per_gb_hour"]
+            if "host_dram_per_gb_hour" in rates and hw.host_memory > 0 else None,
+            "disk": one_copy / GB * rates["nvme_per_gb_hour"] if "nvme_per_gb_hour" in rates and hw.disk_capacity > 0 else None}
     out = {"price_per_hour": price, "output_per_mtok": per_tok(decode["tokens_per_s"]),
            "input_per_mtok": per_tok(prefill["tokens_per_s"]), "cache_hit_input_per_mtok": hit,
            "hold_context_per_hour": hold}
     ex.append(("cost", f"$/h = {hw.price_per_hour} x {tp} devices = {price:.2f}; output $/Mtok = $/h / (tok/s x 3600) x 1e6 "
                f"= {out['output_per_mtok']:.4f}; input $/Mtok = {out['input_per_mtok']:.4f}; holding one {context:,}-token "
-               f"context ({kv1:,} B): device {hold['device']:.5f} $/h (device $/h / device GB)"))
+               f"context ({one_copy:,} B, {kv1:,} B per device): device {hold['device']:.5f} $/h "
+               f"(device $/h / device GB x bytes on all {tp} devices)"))
     return out

@@ -38,7 +38,7 @@ def comparison_table(plans: list[Plan]) -> Table:
         ("  spilled per device", lambda d: fmt_bytes(sum(r["host"] + r["disk"] for r in d["placement"]["items"].values()))),
         ("  max context on device", lambda d: f"{d['limits']['max_context_on_device']:,}"),
         ("  min devices (all on device)", lambda d: _ctx(d["limits"]["min_devices"])),
-        ("decode tok/s (all sequences)", lambda d: "n/a" if "error" in d["decode"] else f"{d['decode']['tokens_per_s']:,.1f} ({d['decode']['bound']}-bound)"),
+        ("decode tok/s (all sequences)", lambda d: "does not fit" if "error" in d["decode"] else f"{d['decode']['tokens_per_s']:,.1f} ({d['decode']['bound']}-bound)"),
         ("prefill time", lambda d: f"{d['prefill']['t_s']:,.2f} s"),
         ("reload beats recompute from", lambda d: f"host {_ctx(d['reload_vs_recompute']['host']['break_even_context'])} / disk {_ctx(d['reload_vs_recompute']['disk']['break_even_context'])} tok"),
         ("$/Mtok output / input", lambda d: f"{_money(d['cost'].get('output_per_mtok'))} / {_money(d['cost'].get('input_per_mtok'))}"),
@@ -60,4 +60,5 @@ def print_plans(plans: list[Plan], explain: bool, console: Console | None = None
         for p in plans:
             console.rule(f"{p.data['model']} @ {p.data['context']:,} tokens")
             for title, text in p.explain:
-                console.print(f"[bold]{title}[/bold]: {text}", highlight=False)
+                console.print(f"[bold]{title}[/bold]: ", end="", highlight=False)
+                console.print(text, markup=False, highlight=False)

@@ -62,7 +62,8 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative:
         if layer.attention == "mla":
             return per * entries("latent")
         assert ix is not None
-        return per * entries("latent", cap=ix.topk) + 2 * ix.n_heads * ix.head_dim * entries("index")
+        scan = 2 * ix.n_heads * ix.head_dim * entries("index") if layer.has_indexer else 0
+        return per * entries("latent", cap=ix.topk) + scan
     v = spec.v4
     assert v is not None and ix is not None
     per = 2 * v.num_heads * 2 * v.head_dim   # K = V, one shared head

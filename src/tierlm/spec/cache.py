@@ -54,7 +54,7 @@ def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream,
         m = spec.mla
         assert m is not None
         latent = CacheStream("latent", "kv", m.kv_lora_rank + m.qk_rope_head_dim, "token", rope=m.qk_rope_head_dim)
-        if kind == "mla":
+        if kind == "mla" or layer.shared_indexer:
             return (latent,)
         assert spec.indexer is not None
         return (latent, CacheStream("indexer", "indexer", spec.indexer.head_dim, "token"))

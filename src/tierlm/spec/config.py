@@ -46,7 +46,7 @@ OFFICIAL_IGNORED = ("original_seq_len", "rope_factor", "beta_fast", "beta_slow",
 CLASS_DEFAULTS = {"gemma3_text": {"vocab_size": 262208, "max_position_embeddings": 131072,
                                   "sliding_window_pattern": 6}}
 
-DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16",
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "bf16": "bf16",
                "fp16": "fp16", "fp32": "fp32", "float8_e4m3fn": "fp8", "fp8": "fp8"}
 
 
@@ -92,6 +92,9 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
     official = False
     if model_type is None:
         if "dim" in cfg and "n_layers" in cfg:
+            if "max_seq_len" not in cfg and ("original_seq_len" not in cfg or "rope_factor" not in cfg):
+                notes.append("max_position_embeddings = original_seq_len x rope_factor with DeepSeek ModelArgs "
+                             "defaults (4096 x 40) where the file omits them")
             cfg, model_type = _from_official(cfg)
             official = True
         else:
@@ -128,9 +131,13 @@ def _from_official(cfg: dict) -> tuple[dict, str]:
         family = "deepseek_v32"
     else:
         family = "deepseek_v3"
-    if "max_position_embeddings" not in out and "original_seq_len" in cfg and "rope_factor" in cfg:
-        # The YaRN-extended length is the model's context: original_seq_len * rope_factor.
-        out["max_position_embeddings"] = int(cfg["original_seq_len"]) * int(cfg["rope_factor"])
+    if "max_position_embeddings" not in out:
+        # The YaRN-extended length is the model's context: original_seq_len * rope_factor, with
+        # ModelArgs' defaults (4096, 40 in DeepSeek-V3 inference/model.py) when the file omits them.
+        seq, factor = cfg.get("original_seq_len", 4096), cfg.get("rope_factor", 40)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (seq, factor)):
+            raise ConfigError("fields 'original_seq_len' and 'rope_factor' must be positive integers")
+        out["max_position_embeddings"] = seq * factor
     quant = {}
     if cfg.get("dtype") == "fp8":
         quant = {"quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -318,16 +325,44 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
                    f"'first_k_dense_replace' / 'moe_layer_freq'")
     n_mtp = f.int("num_nextn_predict_layers", 0, minimum=0)
     kind = "dsa" if indexer else "mla"
-    layers = tuple(LayerSpec(i, kind, ffn[i]) for i in range(n))
+    shared = _indexer_sharing(f, n) if indexer else [False] * n
+    layers = tuple(LayerSpec(i, kind, ffn[i], shared_indexer=shared[i]) for i in range(n))
     mtp_layers = tuple(LayerSpec(n + i, kind, "moe", mtp=True) for i in range(n_mtp))
     dense_inter = f.int("intermediate_size") if "dense" in ffn else None
-    f.ignore("intermediate_size", "indexer_types", "index_share")
+    f.ignore("intermediate_size")
     return ModelSpec(
         name=name, family=family, hidden_size=c["hidden"], vocab_size=c["vocab"],
         max_position=c["max_position"], tie_embeddings=f.bool("tie_word_embeddings", False),
         dense_intermediate=dense_inter, layers=layers, mtp_layers=mtp_layers, mla=mla,
         indexer=indexer, moe=moe, engram=_parse_engram(f, n), quant=_parse_quant(f, family),
         config=f.cfg)
+
+
+def _indexer_sharing(f: Fields, n: int) -> list[bool]:
+    """Which DSA layers reuse the previous layer's top-k instead of running an indexer
+    (GLM-5.x IndexShare): transformers' `indexer_types` ("full"/"shared"), or the
+    `index_topk_pattern` ("F"/"S") / `index_topk_freq` + `index_skip_topk_offset` schedule
+    as GlmMoeDsaConfig derives it. Absent: every layer runs its own indexer."""
+    if f.has("indexer_types"):
+        types = f.str_list("indexer_types")
+        f.ignore("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")
+    elif f.has("index_topk_pattern"):
+        pattern = f.raw("index_topk_pattern")
+        if not isinstance(pattern, str) or any(c not in "FS" for c in pattern):
+            raise ConfigError(f"field 'index_topk_pattern' must be a string of F and S, got {pattern!r}")
+        types = ["full" if c == "F" else "shared" for c in pattern]
+        f.ignore("index_topk_freq", "index_skip_topk_offset")
+    elif f.has("index_topk_freq") or f.has("index_skip_topk_offset"):
+        freq = f.int("index_topk_freq", 1)
+        offset = f.int("index_skip_topk_offset", 2, minimum=0)
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
+    else:
+        return [False] * n
+    _check(len(types) == n, f"field 'indexer_types' has {len(types)} entries but 'num_hidden_layers' is {n}")
+    for i, t in enumerate(types):
+        _check(t in ("full", "shared"), f"field 'indexer_types[{i}]' must be full or shared, got {t!r}")
+    _check(types[0] == "full", "field 'indexer_types[0]' must be full (a shared layer reuses an earlier top-k)")
+    return [t == "shared" for t in types]
 
 
 def _deepseek_moe(f: Fields, n: int, router_bias: bool) -> tuple[MoEConfig, list[str]]:
@@ -358,6 +393,7 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
         rope = f.int("qk_rope_head_dim")
         f.ignore("partial_rotary_factor")
     else:
+        _check(f.has("partial_rotary_factor"), "missing field 'qk_rope_head_dim' (or 'partial_rotary_factor')")
         factor = f.raw("partial_rotary_factor")
         _check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1,
                f"field 'partial_rotary_factor' must be in (0, 1], got {factor!r}")
@@ -456,7 +492,7 @@ def _parse_quant(f: Fields, family: str) -> Quantization:
     base_name = f.raw("torch_dtype", "bfloat16", aliases=("dtype",))
     base = DTYPE_NAMES.get(str(base_name))
     if base is None or base == "fp8":
-        raise ConfigError(f"field 'torch_dtype' must be bfloat16, float16 or float32, got {base_name!r}")
+        raise ConfigError(f"field 'torch_dtype' must be bfloat16, float16, float32 or float64, got {base_name!r}")
     top_expert_dtype = f.str("expert_dtype", "fp8") if family == "deepseek_v4" else "fp8"
     q = f.sub("quantization_config")
     if q is None:

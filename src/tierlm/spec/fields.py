@@ -32,7 +32,7 @@ METADATA_KEYS = frozenset({
     "n_group", "topk_group", "moe_layer_freq", "swiglu_limit", "hc_sinkhorn_iters", "hc_eps",
     "compress_rope_theta", "partial_rotary_factor", "mtp_loss_scaling_factor",
     "experts_per_token_scale", "use_qk_norm_bias", "router_dtype", "layer_norm_epsilon",
-    "index_topk_freq", "indexer_rope_interleave", "rope_type", "initial_context_length",
+    "indexer_rope_interleave", "rope_type", "initial_context_length",
     "mlp_intermediate_size", "ep_size", "_sliding_window_pattern", "swiglu_alpha", "hidden_activation",
     "use_bidirectional_attention",
     # PretrainedConfig defaults that older transformers versions saved into every config.

@@ -92,10 +92,12 @@ class LayerSpec:
     compress_ratio: int = 0          # v4 only: 0 = window only, else tokens per compressed entry
     mtp: bool = False                # a multi-token-prediction (draft) layer
     csa: bool = False                # v4: compressed *sparse* attention (overlapping compressor + indexer)
+    shared_indexer: bool = False     # dsa: reuses the previous layer's top-k (GLM-5.x IndexShare)
 
     @property
     def has_indexer(self) -> bool:
-        return self.attention == "dsa" or (self.attention == "v4" and self.csa)
+        """The layer runs (and caches keys for) its own lightning indexer."""
+        return (self.attention == "dsa" and not self.shared_indexer) or (self.attention == "v4" and self.csa)
 
 
 @dataclass(frozen=True)

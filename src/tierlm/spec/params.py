@@ -56,10 +56,11 @@ def _param_groups(spec: ModelSpec) -> tuple[ParamGroup, ...]:
     # Layers with identical structure share groups; count them once with a multiplicity.
     shapes: dict[tuple, int] = {}
     for layer in spec.layers:
-        key = (layer.attention, layer.ffn, layer.compress_ratio, layer.csa)
+        key = (layer.attention, layer.ffn, layer.compress_ratio, layer.csa, layer.shared_indexer)
         shapes[key] = shapes.get(key, 0) + 1
-    for (attention, ffn, ratio, csa), n in shapes.items():
-        out += [_times(g, n) for g in _layer_groups(spec, LayerSpec(0, attention, ffn, compress_ratio=ratio, csa=csa))]
+    for (attention, ffn, ratio, csa, shared), n in shapes.items():
+        layer = LayerSpec(0, attention, ffn, compress_ratio=ratio, csa=csa, shared_indexer=shared)
+        out += [_times(g, n) for g in _layer_groups(spec, layer)]
     for layer in spec.mtp_layers:
         out += [_as_mtp(g) for g in _layer_groups(spec, layer) + _mtp_extra(spec)]
     if spec.engram is not None:
@@ -125,7 +126,7 @@ def _attention_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
                 ParamGroup(A, "kv_norm", (m.kv_lora_rank,), kind="vector", tp="replicate"),
                 ParamGroup(A, "wkv_b", (m.num_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)),
                 ParamGroup(A, "wo", (h, m.num_heads * m.v_head_dim))]
-        if layer.attention == "dsa":
+        if layer.has_indexer:
             ix = spec.indexer
             assert ix is not None and m.q_lora_rank is not None
             out += [ParamGroup(A, "indexer.wq_b", (ix.n_heads * ix.head_dim, m.q_lora_rank), tp="replicate"),

@@ -1,0 +1,589 @@
+"""DeepSeek-V2 / V3 (Kimi-K2) / V3.2 and GLM-5 (glm_moe_dsa): MLA, DSA, DeepSeekMoE, MTP.
+
+One readable file in the style of DeepSeek's `inference/model.py`; tensors are laid out
+[batch, tokens, heads, dim] ("bshd") and every state_dict name is the Hugging Face
+checkpoint name (`rename` maps the official DeepSeek names onto them).
+
+Shapes: B batch, T new tokens, S visible tokens (cache + new), H heads, D model dim,
+C kv_lora_rank (the MLA latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
+
+Precision. transformers and DeepSeek's own code compute RMSNorm statistics, RoPE tables,
+router logits/scores, attention softmax and the DSA indexer scores in float32 even when
+the model runs in a wider dtype. With `ref_fp32 = True` (the default) these ops are done
+in float32 exactly as there, so a float64 model matches transformers to ~1e-15. Float32
+results depend on reduction order and GEMM shape, so with `ref_fp32 = True` a decode step
+can differ from the full forward by float32 rounding; `ref_fp32 = False` computes those ops
+in max(dtype, float32) instead (identical to the default for bf16/fp16/fp32 models), which
+makes a float64 model exact to ~1e-15 between prefill+decode and the full forward.
+
+`absorb = True` selects the absorbed (latent-space, MQA-style) MLA path; the default is the
+naive path that decompresses K/V. Both read the same cache (latent + rotated k_pe).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import TierlmError
+from ...spec.model import ModelSpec
+from ..cache import Cache
+
+
+# ------------------------------------------------------------------------------ args
+@dataclass
+class Args:
+    family: str
+    dim: int
+    vocab: int
+    n_layers: int
+    inter_dim: int
+    moe_inter_dim: int
+    n_routed: int
+    n_shared: int
+    topk: int
+    n_group: int
+    topk_group: int
+    score_func: str              # softmax | sigmoid
+    route_scale: float
+    norm_topk_prob: bool
+    router_bias: bool            # e_score_correction_bias (selection only)
+    group_limited: bool          # group-limited routing (V2: topk_method group_limited_greedy)
+    n_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope: int
+    qk_rope: int
+    v_head: int
+    eps: float
+    tie: bool
+    rope_theta: float
+    rope: dict                   # rope_parameters / rope_scaling (normalised, may be {})
+    max_pos: int
+    rope_style: str              # complex (V2) | interleave | half
+    softmax_scale: float
+    rope_factor: float           # attention_scaling applied to cos/sin (YaRN attention_factor)
+    index_heads: int = 0
+    index_dim: int = 0
+    index_topk: int = 0
+    index_interleave: bool = False   # GLM-5: interleaved RoPE in the indexer; V3.2: rotate-half
+    indexer_types: tuple[str, ...] = ()
+    # runtime switches, shared by every module of one model
+    absorb: bool = False
+    ref_fp32: bool = True
+    dense_layers: frozenset = field(default_factory=frozenset)
+
+    def up(self, dtype: torch.dtype) -> torch.dtype:
+        """dtype of the ops the references run in float32."""
+        if self.ref_fp32:
+            return torch.float32
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_params(cfg: dict) -> tuple[float, dict]:
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    params["rope_type"] = kind
+    if kind not in ("default", "yarn"):
+        raise TierlmError(f"rope type {kind!r} is not supported for MLA models (default or yarn)")
+    return theta, params
+
+
+def make_args(spec: ModelSpec) -> Args:
+    cfg, mla, moe = spec.config, spec.mla, spec.moe
+    assert mla is not None and moe is not None
+    family = spec.family
+    theta, rope = _rope_params(cfg)
+    qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    scale = qk_head ** -0.5
+    rope_factor = 1.0
+    if rope["rope_type"] == "yarn":
+        factor = float(rope["factor"])
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        # transformers (following DeepSeek's HF code): cos/sin carry mscale/mscale_all_dim,
+        # the softmax scale carries mscale_all_dim**2.
+        af = rope.get("attention_factor")
+        if af is None:
+            af = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if (m and m_all) else _yarn_mscale(factor)
+        rope_factor = float(af)
+        if m_all:
+            ms = _yarn_mscale(factor, m_all)
+            scale = scale * ms * ms
+    if family == "deepseek_v2":
+        style = "complex"
+    elif family in ("deepseek_v3", "kimi_k2"):
+        style = "interleave" if cfg.get("rope_interleave", True) else "half"
+    else:
+        style = "interleave"
+    if family == "deepseek_v2":
+        score, bias = cfg.get("scoring_func", "softmax"), False
+        group_limited = cfg.get("topk_method", "greedy") == "group_limited_greedy"
+    else:
+        score, bias, group_limited = cfg.get("scoring_func", "sigmoid"), True, True
+    if score not in ("softmax", "sigmoid"):
+        raise TierlmError(f"scoring_func {score!r} is not supported (softmax or sigmoid)")
+    n = spec.num_layers
+    idx = spec.indexer
+    types: tuple[str, ...] = ()
+    if family == "glm_moe_dsa":
+        types = tuple(cfg.get("indexer_types") or ())
+        if not types:
+            pattern = cfg.get("index_topk_pattern")
+            if pattern is not None:
+                types = tuple({"F": "full", "S": "shared"}[c] for c in pattern) if isinstance(pattern, str) else tuple(pattern)
+            else:
+                freq = max(int(cfg.get("index_topk_freq", 1)), 1)
+                off = int(cfg.get("index_skip_topk_offset", 2))
+                types = tuple("full" if max(i - off + 1, 0) % freq == 0 else "shared" for i in range(n))
+        if len(types) < n or types[0] != "full" or any(t not in ("full", "shared") for t in types):
+            raise TierlmError(f"glm_moe_dsa: bad indexer_types {list(types)} for {n} layers")
+    return Args(
+        family=family, dim=spec.hidden_size, vocab=spec.vocab_size, n_layers=n,
+        inter_dim=spec.dense_intermediate or 0, moe_inter_dim=moe.expert_intermediate,
+        n_routed=moe.num_experts, n_shared=moe.num_shared, topk=moe.top_k,
+        n_group=int(cfg.get("n_group") or 1), topk_group=int(cfg.get("topk_group") or 1),
+        score_func=score, route_scale=float(cfg.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", family != "deepseek_v2")),
+        router_bias=bias, group_limited=group_limited,
+        n_heads=mla.num_heads, q_lora_rank=mla.q_lora_rank or None, kv_lora_rank=mla.kv_lora_rank,
+        qk_nope=mla.qk_nope_head_dim, qk_rope=mla.qk_rope_head_dim, v_head=mla.v_head_dim,
+        eps=float(cfg.get("rms_norm_eps", 1e-6)), tie=spec.tie_embeddings,
+        rope_theta=theta, rope=rope, max_pos=spec.max_position, rope_style=style,
+        softmax_scale=scale, rope_factor=rope_factor,
+        index_heads=idx.n_heads if idx else 0, index_dim=idx.head_dim if idx else 0,
+        index_topk=idx.topk if idx else 0, index_interleave=family == "glm_moe_dsa",
+        indexer_types=types,
+        dense_layers=frozenset(l.index for l in spec.layers if l.ffn == "dense"),
+    )
+
+
+# ------------------------------------------------------------------------------ rope
+def inv_freq(args: Args, dtype: torch.dtype) -> torch.Tensor:
+    """[R/2] inverse frequencies (YaRN-corrected when configured), as transformers builds them."""
+    dim, base = args.qk_rope, args.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim)
+    if args.rope["rope_type"] != "yarn":
+        return 1.0 / pos_freqs
+    p = args.rope
+    factor = float(p["factor"])
+    original = p.get("original_max_position_embeddings") or args.max_pos
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(original / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(dtype)
+    extrapolate = 1 - ramp       # 1: keep the original frequency, 0: interpolate (divide by factor)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+
+
+def rope_tables(args: Args, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [T, R/2] in `dtype` (V3 family), or complex freqs [T, R/2] (V2)."""
+    up = args.up(dtype)
+    freqs = positions.to(up)[:, None] * inv_freq(args, up).to(positions.device)[None, :]
+    if args.rope_style == "complex":
+        return torch.polar(torch.ones_like(freqs), freqs) * args.rope_factor
+    return (freqs.cos() * args.rope_factor).to(dtype), (freqs.sin() * args.rope_factor).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope, style: str) -> torch.Tensor:
+    """x [B, T, H, R]. 'complex' (V2) and 'interleave' rotate adjacent pairs (x0, x1), (x2, x3)...,
+    'half' rotates (x_i, x_{i+R/2}). 'interleave' returns the rotated pairs de-interleaved,
+    [even..., odd...], as transformers does: only dot products between rotated q and k are
+    ever taken, and those do not depend on the order of the dimensions."""
+    if style == "complex":
+        xc = torch.view_as_complex(x.to(rope.real.dtype).reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * rope[:, None, :]).flatten(-2).to(x.dtype)
+    cos, sin = rope[0][:, None, :], rope[1][:, None, :]
+    if style == "interleave":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ------------------------------------------------------------------------------ basics
+class RMSNorm(nn.Module):
+    def __init__(self, args: Args, dim: int, eps: float):
+        super().__init__()
+        self.args, self.eps = args, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(self.args.up(dtype))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (official names w1, w3, w2)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------ DSA indexer
+class Indexer(nn.Module):
+    """Lightning indexer: I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s] * d^-0.5); top-k per query."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        h, d = args.index_heads, args.index_dim
+        assert args.q_lora_rank, "DSA needs q_lora_rank (the indexer reads the query latent)"
+        self.wq_b = nn.Linear(args.q_lora_rank, h * d, bias=False)
+        self.wk = nn.Linear(args.dim, d, bias=False)
+        self.k_norm = nn.LayerNorm(d, eps=1e-6)
+        self.weights_proj = nn.Linear(args.dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, rope, visible: torch.Tensor,
+                cache: Cache | None, layer: int) -> torch.Tensor:
+        """x [B,T,D], qr [B,T,q_lora]; visible [T,S] causal mask -> selected [B,T,S] (bool)."""
+        a = self.args
+        B, T, _ = x.shape
+        R, style = a.qk_rope, "interleave" if a.index_interleave else "half"
+        if a.rope_style == "complex":
+            raise TierlmError("DSA with V2-style complex RoPE is not a known configuration")
+        q = self.wq_b(qr).view(B, T, a.index_heads, a.index_dim)
+        q = torch.cat([apply_rope(q[..., :R], rope, style), q[..., R:]], dim=-1)      # RoPE dims first
+        k = self.k_norm(self.wk(x)).unsqueeze(2)                                         # [B,T,1,d]
+        k = torch.cat([apply_rope(k[..., :R], rope, style), k[..., R:]], dim=-1).squeeze(2)
+        if cache is not None:
+            k = cache.append(layer, "index_k", k)                                        # [B,S,d]
+        up = a.up(x.dtype)
+        scores = torch.matmul(q.to(up), k.transpose(-1, -2).to(up).unsqueeze(1))        # [B,T,h,S]
+        scores = F.relu(scores * a.index_dim ** -0.5)
+        w = self.weights_proj(x).to(up) * a.index_heads ** -0.5                          # [B,T,h]
+        index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2)                        # [B,T,S]
+        index = index.masked_fill(~visible, float("-inf"))
+        top = index.topk(min(a.index_topk, index.shape[-1]), dim=-1).indices
+        selected = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
+        return selected & visible
+
+
+# ------------------------------------------------------------------------------ MLA
+class MLA(nn.Module):
+    def __init__(self, args: Args, layer: int):
+        super().__init__()
+        self.args, self.layer = args, layer
+        H, qk = args.n_heads, args.qk_nope + args.qk_rope
+        if args.q_lora_rank:
+            self.q_a_proj = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(args, args.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, H * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(args.dim, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.dim, args.kv_lora_rank + args.qk_rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(args, args.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(args.kv_lora_rank, H * (args.qk_nope + args.v_head), bias=False)
+        self.o_proj = nn.Linear(H * args.v_head, args.dim, bias=False)
+        self.has_indexer = bool(args.index_heads) and (
+            not args.indexer_types or args.indexer_types[layer] == "full")
+        if self.has_indexer:
+            self.indexer = Indexer(args)
+
+    def forward(self, x: torch.Tensor, rope, visible: torch.Tensor, cache: Cache | None,
+                selected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B,T,D]; visible [T,S] causal mask. Returns (out [B,T,D], DSA selection [B,T,S])."""
+        a = self.args
+        B, T, _ = x.shape
+        H, N, R, V, C = a.n_heads, a.qk_nope, a.qk_rope, a.v_head, a.kv_lora_rank
+        qr = None
+        if a.q_lora_rank:
+            qr = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(qr)
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, H, N + R)
+        q_nope, q_pe = q[..., :N], apply_rope(q[..., N:], rope, a.rope_style)
+        kv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv[..., :C])                                      # [B,T,C]
+        k_pe = apply_rope(kv[..., C:].unsqueeze(2), rope, a.rope_style).squeeze(2)     # [B,T,R]
+        if cache is not None:                                                          # cache = latent + k_pe
+            latent = cache.append(self.layer, "kv", latent)                            # [B,S,C]
+            k_pe = cache.append(self.layer, "pe", k_pe)                                # [B,S,R]
+        S = latent.shape[1]
+        mask = visible.expand(B, T, S)
+        if a.index_heads:
+            if self.has_indexer:
+                selected = self.indexer(x, qr, rope, visible, cache, self.layer)
+            assert selected is not None, "a shared DSA layer needs a previous indexer layer"
+            mask = mask & selected
+        wkv_b = self.kv_b_proj.weight.view(H, N + V, C)
+        if a.absorb:   # MQA over the latent: fold W_UK into q and W_UV into the output
+            q_lat = torch.einsum("bthn,hnc->bthc", q_nope, wkv_b[:, :N])
+            scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)
+                      + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * a.softmax_scale
+        else:          # decompress K/V for every head
+            kv_full = F.linear(latent, self.kv_b_proj.weight).view(B, S, H, N + V)
+            k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(2).expand(B, S, H, R)], dim=-1)
+            scores = torch.einsum("bthd,bshd->bhts", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=a.up(x.dtype)).to(x.dtype)                # [B,H,T,S]
+        if a.absorb:
+            o = torch.einsum("bhts,bsc->bthc", probs, latent)
+            o = torch.einsum("bthc,hvc->bthv", o, wkv_b[:, N:])
+        else:
+            o = torch.einsum("bhts,bshv->bthv", probs, kv_full[..., N:])
+        return self.o_proj(o.reshape(B, T, H * V)), selected
+
+
+# ------------------------------------------------------------------------------ MoE
+class Gate(nn.Module):
+    """Router: softmax/sigmoid scores, selection bias, group-limited top-k, routed scaling."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed, args.dim))
+        if args.router_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k] in the router dtype, expert indices [N, k])."""
+        a = self.args
+        up = a.up(x.dtype)
+        logits = F.linear(x.to(up), self.weight.to(up))
+        scores = logits.softmax(dim=-1, dtype=up) if a.score_func == "softmax" else logits.sigmoid()
+        choice = scores + self.e_score_correction_bias if a.router_bias else scores
+        if a.group_limited and a.n_group > 1:
+            groups = choice.view(x.shape[0], a.n_group, -1)
+            group_scores = groups.topk(2, dim=-1)[0].sum(-1) if a.router_bias else groups.amax(-1)
+            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(a.topk_group, dim=-1)[1], 1)
+            keep = keep.bool().unsqueeze(-1).expand_as(groups).reshape(x.shape[0], -1)
+            # V3: excluded experts -> -inf; V2 (no bias, scores > 0): -> 0
+            choice = choice.masked_fill(~keep, float("-inf") if a.router_bias else 0.0)
+        idx = choice.topk(a.topk, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if a.family == "deepseek_v2":
+            # DeepSeek's V2 code: renormalise *instead of* scaling (transformers ignores norm_topk_prob)
+            if a.topk > 1 and a.norm_topk_prob:
+                return w / (w.sum(-1, keepdim=True) + 1e-20), idx
+            return w * a.route_scale, idx
+        if a.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * a.route_scale, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed))
+        if args.n_shared:
+            self.shared_experts = MLP(args.dim, args.n_shared * args.moe_inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        y = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)
+            y.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
+        if self.args.n_shared:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# ------------------------------------------------------------------------------ blocks
+class Block(nn.Module):
+    def __init__(self, args: Args, layer: int, moe: bool):
+        super().__init__()
+        self.self_attn = MLA(args, layer)
+        self.mlp = MoE(args) if moe else MLP(args.dim, args.inter_dim)
+        self.input_layernorm = RMSNorm(args, args.dim, args.eps)
+        self.post_attention_layernorm = RMSNorm(args, args.dim, args.eps)
+
+    def forward(self, x, rope, visible, cache, selected):
+        h, selected = self.self_attn(self.input_layernorm(x), rope, visible, cache, selected)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, selected
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: Args, own_head: bool):
+        super().__init__()
+        self.norm = RMSNorm(args, args.dim, args.eps)
+        if own_head:
+            self.head = nn.Linear(args.dim, args.vocab, bias=False)
+
+
+class MTPBlock(Block):
+    """DeepSeek-V3 next-next-token module: h' = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), block, head."""
+
+    def __init__(self, args: Args, layer: int, own_embed: bool, own_head: bool):
+        super().__init__(args, layer, moe=True)
+        self.enorm = RMSNorm(args, args.dim, args.eps)
+        self.hnorm = RMSNorm(args, args.dim, args.eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
+        if own_embed:
+            self.embed_tokens = nn.Embedding(args.vocab, args.dim)
+        self.shared_head = SharedHead(args, own_head)
+
+
+class Model(nn.Module):
+    def __init__(self, args: Args, mtp: list[tuple[bool, bool]]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab, args.dim)
+        blocks: list[nn.Module] = [Block(args, i, i not in args.dense_layers) for i in range(args.n_layers)]
+        blocks += [MTPBlock(args, args.n_layers + j, e, h) for j, (e, h) in enumerate(mtp)]
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(args, args.dim, args.eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, args: Args, mtp: list[tuple[bool, bool]] = ()):
+        super().__init__()
+        self.args = args
+        self.model = Model(args, list(mtp))
+        if not args.tie:
+            self.lm_head = nn.Linear(args.dim, args.vocab, bias=False)
+
+    # runtime switches (see the module docstring)
+    @property
+    def absorb(self) -> bool:
+        return self.args.absorb
+
+    @absorb.setter
+    def absorb(self, value: bool) -> None:
+        self.args.absorb = bool(value)
+
+    @property
+    def ref_fp32(self) -> bool:
+        return self.args.ref_fp32
+
+    @ref_fp32.setter
+    def ref_fp32(self, value: bool) -> None:
+        self.args.ref_fp32 = bool(value)
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return len(self.model.layers) - self.args.n_layers
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.args.tie else self.lm_head.weight
+
+    def _run(self, blocks, x: torch.Tensor, start: int, cache: Cache | None) -> torch.Tensor:
+        T = x.shape[1]
+        positions = torch.arange(start, start + T, device=x.device)                   # queries
+        keys = torch.arange(start + T, device=x.device) if cache is not None else positions
+        visible = keys[None, :] <= positions[:, None]                                  # [T,S] causal
+        rope = rope_tables(self.args, positions, x.dtype)
+        selected = None
+        for block in blocks:
+            x, selected = block(x, rope, visible, cache, selected)
+        return x
+
+    def hidden(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """Last hidden states before the final norm [B,T,D]; advances cache.length by T."""
+        start = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)
+        x = self._run(self.model.layers[: self.args.n_layers], x, start, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return x
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,vocab]; positions continue from cache.length."""
+        x = self.hidden(input_ids, cache)
+        return F.linear(self.model.norm(x), self.head_weight())
+
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
+              start: int = 0, cache: Cache | None = None) -> torch.Tensor:
+        """MTP draft logits [B,T,vocab]: from the main model's hidden state h_i (before the final
+        norm) at positions start.. and the next token t_{i+1}, predict t_{i+2}."""
+        if depth >= self.num_mtp_layers:
+            raise TierlmError("this checkpoint has no MTP layer "
+                              f"model.layers.{self.args.n_layers + depth}.*")
+        blk: MTPBlock = self.model.layers[self.args.n_layers + depth]
+        embed = blk.embed_tokens if hasattr(blk, "embed_tokens") else self.model.embed_tokens
+        e = blk.enorm(embed(next_ids))
+        x = blk.eh_proj(torch.cat([e, blk.hnorm(hidden)], dim=-1))
+        x = self._run([blk], x, start, cache)
+        head = blk.shared_head.head.weight if hasattr(blk.shared_head, "head") else self.head_weight()
+        return F.linear(blk.shared_head.norm(x), head)
+
+    def forward_with_draft(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B,T,V], draft logits [B,T-1,V]) for a full sequence (teacher forcing)."""
+        h = self.hidden(input_ids)
+        logits = F.linear(self.model.norm(h), self.head_weight())
+        return logits, self.draft(h[:, :-1], input_ids[:, 1:])
+
+
+# ------------------------------------------------------------------------------ family contract
+def build(spec: ModelSpec, checkpoint_names: Iterable[str]) -> DeepseekForCausalLM:
+    args = make_args(spec)
+    names = set(checkpoint_names)
+    mtp = []
+    for j in range(len(spec.mtp_layers)):
+        prefix = f"model.layers.{args.n_layers + j}."
+        if not any(n.startswith(prefix) for n in names):
+            break   # MTP layers are kept only when the checkpoint has them
+        mtp.append((prefix + "embed_tokens.weight" in names, prefix + "shared_head.head.weight" in names))
+    return DeepseekForCausalLM(args, mtp)
+
+
+_OFFICIAL = {
+    "embed": "embed_tokens", "head": "lm_head", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm", "attn": "self_attn", "ffn": "mlp",
+    "wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wkv_a": "kv_a_proj_with_mqa",
+    "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj",
+    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "scale": "weight_scale_inv",
+}
+
+
+def rename(name: str) -> str:
+    """Official DeepSeek names (`layers.0.attn.wq_a.weight`, `embed.weight`, `head.weight`,
+    `layers.3.ffn.experts.0.w1.weight`, `...ffn.gate.bias`, `....scale`) -> HF names."""
+    if name.startswith(("model.", "lm_head.")):
+        return name
+    parts = name.split(".")
+    if parts[-1] == "scale":                       # FP8 block scale of `X.weight`
+        parts[-1] = "weight_scale_inv"
+    if len(parts) >= 2 and parts[-2] == "gate" and parts[-1] == "bias":
+        parts[-1] = "e_score_correction_bias"
+    in_indexer = "indexer" in parts
+    out = []
+    for i, p in enumerate(parts):
+        if in_indexer and i > parts.index("indexer"):
+            out.append(p)                          # indexer.{wq_b,wk,k_norm,weights_proj} keep their names
+        elif p == "head" and i > 0 and parts[i - 1] == "shared_head":
+            out.append(p)                          # MTP shared_head.head
+        elif p == "wq_b":
+            out.append("q_b_proj")
+        else:
+            out.append(_OFFICIAL.get(p, p) if p != "weight" else p)
+    name = ".".join(out)
+    if name.startswith("lm_head"):
+        return name
+    if re.match(r"(layers|embed_tokens|norm)\b", name):
+        return "model." + name
+    return name

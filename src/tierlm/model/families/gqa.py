@@ -1,0 +1,169 @@
+"""GQA decoder families: Llama, Mistral, Qwen2, Qwen3 (dense) and Qwen3-MoE, Mixtral (MoE).
+
+One pre-norm decoder block: x + attn(norm(x)), then + ffn(norm(.)). Attention is grouped-query
+with optional per-head q/k RMSNorm (Qwen3) and sliding windows; the FFN is SwiGLU or a
+softmax-routed mixture of SwiGLU experts. Tensor names are the Hugging Face ones.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...spec.model import LayerSpec, ModelSpec
+from ..cache import Cache
+from ..layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+def _rope_config(spec: ModelSpec) -> tuple[float, dict | None]:
+    cfg = spec.config
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    return float(theta), scaling
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: LayerSpec):
+        super().__init__()
+        g = spec.gqa
+        assert g is not None
+        h, eps = spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6)
+        self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
+        self.index = layer.index
+        self.window = layer.window if layer.attention == "sliding" else None
+        self.q_proj = nn.Linear(h, g.num_heads * g.head_dim, bias=g.qkv_bias)
+        self.k_proj = nn.Linear(h, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
+        self.v_proj = nn.Linear(h, g.num_kv_heads * g.v_head_dim, bias=g.qkv_bias)
+        self.o_proj = nn.Linear(g.num_heads * g.v_head_dim, h, bias=g.o_bias)
+        self.qk_norm = g.qk_norm == "head"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(g.head_dim, eps)
+            self.k_norm = RMSNorm(g.head_dim, eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Cache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, -1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k = cache.append(self.index, "k", k, dim=2)
+            v = cache.append(self.index, "v", v, dim=2)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        key_pos = torch.arange(k.shape[2], device=x.device)
+        visible = key_pos[None, :] <= positions[:, None]
+        if self.window is not None:
+            visible &= key_pos[None, :] > positions[:, None] - self.window
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v                            # [B, H, T, Dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MoE(nn.Module):
+    """Softmax router over E SwiGLU experts, top-k, optionally renormalised (Qwen3-MoE, Mixtral)."""
+
+    def __init__(self, spec: ModelSpec, mixtral: bool):
+        super().__init__()
+        m = spec.moe
+        assert m is not None
+        self.top_k = m.top_k
+        self.normalize = True if mixtral else bool(spec.config.get("norm_topk_prob", False))
+        self.gate = nn.Linear(spec.hidden_size, m.num_experts, bias=False)
+        if mixtral:
+            self.experts = nn.ModuleList(_MixtralExpert(spec.hidden_size, m.expert_intermediate)
+                                         for _ in range(m.num_experts))
+        else:
+            self.experts = nn.ModuleList(SwiGLU(spec.hidden_size, m.expert_intermediate)
+                                         for _ in range(m.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        # Routing probabilities in float32, as in the reference routers.
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None].to(x.dtype))
+        return out.reshape(shape)
+
+
+class _MixtralExpert(nn.Module):
+    """Mixtral's expert naming: w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: LayerSpec):
+        super().__init__()
+        eps = spec.config.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.self_attn = Attention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
+        mixtral = spec.family == "mixtral"
+        ffn = SwiGLU(spec.hidden_size, spec.dense_intermediate or 0, spec.mlp_bias) if layer.ffn == "dense" \
+            else MoE(spec, mixtral)
+        self.ffn_name = "block_sparse_moe" if mixtral and layer.ffn != "dense" else "mlp"
+        setattr(self, self.ffn_name, ffn)
+
+    def forward(self, x, positions, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache)
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, layer) for layer in spec.layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = Decoder(spec)
+        if not spec.tie_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.theta, self.scaling = _rope_config(spec)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        T = input_ids.shape[1]
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        inv = rope_inv_freq(self.spec.gqa.head_dim, self.theta, self.scaling, device=x.device)
+        cos, sin = rope_cos_sin(positions, inv, x.dtype)
+        for block in self.model.layers:
+            x = block(x, positions, cos, sin, cache)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.length += T
+        head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
+        return F.linear(x, head)
+
+
+def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:
+    return CausalLM(spec)

@@ -1,0 +1,141 @@
+"""Load a Hugging Face checkpoint directory into a tierlm model.
+
+Reads config.json, single or sharded safetensors (with model.safetensors.index.json),
+maps official DeepSeek tensor names, dequantises FP8 block-scaled weights
+(`weight_scale_inv`), and checks every tensor: a missing, unexpected or mis-shaped
+tensor, a truncated file or a config that does not match the tensors is an error that
+names it. Never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import Progress
+from safetensors import SafetensorError, safe_open
+
+from ..errors import TierlmError
+from ..spec.config import load_config_file, parse_config
+from ..spec.model import ModelSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+class CheckpointError(TierlmError):
+    """A checkpoint's files or tensors do not match its config."""
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index} names {f.name}, which is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    return files
+
+
+def read_tensors(files: list[Path], rename: Callable[[str], str] | None = None,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, by (renamed) name, on CPU."""
+    out: dict[str, torch.Tensor] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("loading tensors", total=len(files))
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for key in sf.keys():
+                        name = rename(key) if rename else key
+                        if name in out:
+                            raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
+                        out[name] = sf.get_tensor(key)
+            except SafetensorError as e:
+                raise CheckpointError(f"{f.name}: corrupted or truncated safetensors file ({e})") from None
+            except OSError as e:
+                raise CheckpointError(f"{f.name}: cannot read ({e.strerror or e})") from None
+            bar.advance(task)
+    return out
+
+
+def dequantize_fp8(tensors: dict[str, torch.Tensor], block: tuple[int, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Replace each `X.weight` (fp8) + `X.weight_scale_inv` (one scale per block) by a dense weight."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale_inv"):
+            continue
+        scale = tensors.get(name + "_scale_inv") if name.endswith(".weight") else None
+        if scale is not None:
+            rows, cols = t.shape
+            b0, b1 = block
+            want = (-(-rows // b0), -(-cols // b1))
+            if tuple(scale.shape) != want:
+                raise CheckpointError(f"{name}_scale_inv has shape {tuple(scale.shape)}, expected {want} "
+                                      f"for a {rows}x{cols} weight with {b0}x{b1} blocks")
+            s = scale.float().repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+            out[name] = (t.float() * s).to(dtype)
+        else:
+            out[name] = t
+    orphans = [n for n in tensors if n.endswith(".weight_scale_inv") and n[: -len("_scale_inv")] not in tensors]
+    if orphans:
+        raise CheckpointError(f"scale without weight: {orphans[0]}")
+    return out
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+         strict: bool = True, progress: bool = True) -> torch.nn.Module:
+    """Load a checkpoint directory; returns a module with forward(input_ids) -> logits.
+
+    dtype: None keeps the checkpoint's floating dtype (FP8 weights become the config's
+    torch_dtype); otherwise every floating tensor is cast to it. strict=False tolerates
+    unexpected tensors (never missing or mis-shaped ones).
+    """
+    from . import families
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    spec: ModelSpec = parse_config(load_config_file(path), str(path))
+    family = families.get(spec.family)
+    if isinstance(dtype, str):
+        dtype = {**DTYPES, "float64": torch.float64, "fp64": torch.float64}.get(dtype)
+        if dtype is None:
+            raise TierlmError("dtype must be bf16, fp16, fp32 or fp64")
+    base = DTYPES.get(spec.quant.base, torch.bfloat16)
+    tensors = read_tensors(checkpoint_files(path), getattr(family, "rename", None), progress)
+    if any(n.endswith(".weight_scale_inv") for n in tensors):
+        tensors = dequantize_fp8(tensors, spec.quant.block, dtype or base)
+    with torch.device("meta"):
+        model = family.build(spec, tensors.keys())
+    expected = model.state_dict()
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected]
+    if missing:
+        raise CheckpointError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + " — does config.json match this checkpoint?")
+    if unexpected and strict:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                              + "; pass strict=False to ignore")
+    state = {}
+    for name, ref in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
+        if t.is_floating_point():
+            t = t.to(dtype if dtype is not None else (ref.dtype if ref.dtype == torch.float32 and t.dtype == torch.float32 else t.dtype))
+        elif ref.is_floating_point():
+            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected a floating tensor")
+        state[name] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    if device is not None:
+        model.to(device)
+    return model.eval()
