@@ -10,7 +10,8 @@ C kv_lora_rank (the MLA latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_hea
 Precision. transformers and DeepSeek's own code compute RMSNorm statistics, RoPE tables,
 router logits/scores, attention softmax and the DSA indexer scores in float32 even when
 the model runs in a wider dtype. With `ref_fp32 = True` (the default) these ops are done
-in float32 exactly as there, so a float64 model matches transformers to ~1e-15. Float32
+in float32 exactly as there, so a float64 model matches transformers bit for bit in the
+tests (every float32 cast re-quantises the activations). Float32
 results depend on reduction order and GEMM shape, so with `ref_fp32 = True` a decode step
 can differ from the full forward by float32 rounding; `ref_fp32 = False` computes those ops
 in max(dtype, float32) instead (identical to the default for bf16/fp16/fp32 models), which
@@ -135,19 +136,8 @@ def make_args(spec: ModelSpec) -> Args:
         raise TierlmError(f"scoring_func {score!r} is not supported (softmax or sigmoid)")
     n = spec.num_layers
     idx = spec.indexer
-    types: tuple[str, ...] = ()
-    if family == "glm_moe_dsa":
-        types = tuple(cfg.get("indexer_types") or ())
-        if not types:
-            pattern = cfg.get("index_topk_pattern")
-            if pattern is not None:
-                types = tuple({"F": "full", "S": "shared"}[c] for c in pattern) if isinstance(pattern, str) else tuple(pattern)
-            else:
-                freq = max(int(cfg.get("index_topk_freq", 1)), 1)
-                off = int(cfg.get("index_skip_topk_offset", 2))
-                types = tuple("full" if max(i - off + 1, 0) % freq == 0 else "shared" for i in range(n))
-        if len(types) < n or types[0] != "full" or any(t not in ("full", "shared") for t in types):
-            raise TierlmError(f"glm_moe_dsa: bad indexer_types {list(types)} for {n} layers")
+    # Which DSA layers reuse the previous top-k (GLM-5.x IndexShare) comes from the spec.
+    types = tuple("shared" if l.shared_indexer else "full" for l in spec.layers) if idx else ()
     return Args(
         family=family, dim=spec.hidden_size, vocab=spec.vocab_size, n_layers=n,
         inter_dim=spec.dense_intermediate or 0, moe_inter_dim=moe.expert_intermediate,
@@ -556,7 +546,7 @@ _OFFICIAL = {
     "ffn_norm": "post_attention_layernorm", "attn": "self_attn", "ffn": "mlp",
     "wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wkv_a": "kv_a_proj_with_mqa",
     "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj",
-    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "scale": "weight_scale_inv",
+    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj",
 }
 
 
