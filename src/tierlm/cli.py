@@ -14,11 +14,13 @@ from .errors import TierlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tierlm: plan and run LLMs on cheap memory (HBM, host DRAM, NVMe).")
-err = Console(stderr=True)
+err = Console(stderr=True, emoji=False, markup=False, highlight=False)
 
 
 def _fail(msg: str) -> None:
-    err.print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
+    """One line on stderr, exit 2. Control characters from user input are shown escaped."""
+    safe = "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in msg)
+    err.print(f"error: {safe}", soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -67,7 +67,10 @@ class _Reader:
             raise HardwareError(f"{where}: expected a JSON object")
         self.data, self.where, self.sources = data, where, {}
 
-    def number(self, path: str, required: bool = True, integer: bool = False, allow_zero: bool = False):
+    def number(self, path: str, required: bool = True, integer: bool = False, allow_zero: bool = False,
+               bounds: tuple[float, float] = (1.0, 1e21)):
+        """A positive finite number; `bounds` rejects typos such as 1e-300 B/s or 10**400 bytes
+        (default: 1 to 1e21, i.e. up to a zettabyte or a zettaFLOP/s)."""
         node: Any = self.data
         for part in path.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -85,8 +88,11 @@ class _Reader:
             raise HardwareError(f"{self.where}: field '{path}' must be a number, got {node!r}")
         if node < 0 or (node == 0 and not allow_zero):
             raise HardwareError(f"{self.where}: field '{path}' must be positive, got {node!r}")
-        if integer and float(node) != int(node):
+        if integer and not isinstance(node, int) and not float(node).is_integer():
             raise HardwareError(f"{self.where}: field '{path}' must be a whole number, got {node!r}")
+        lo, hi = bounds
+        if node and not lo <= node <= hi:
+            raise HardwareError(f"{self.where}: field '{path}' = {node!r} is outside the plausible range [{lo:g}, {hi:g}]")
         if source:
             self.sources[path] = str(source)
         return int(node) if integer else float(node)
@@ -130,13 +136,13 @@ def parse_hardware(data: Any, where: str = "hardware") -> Hardware:
     link = data.get("host", {}).get("link", "none") if isinstance(data.get("host"), dict) else "none"
     if not isinstance(link, str):
         raise HardwareError(f"{where}: field 'host.link' must be a string")
-    price = r.number("price_per_hour", required=False)
+    price = r.number("price_per_hour", required=False, bounds=(1e-6, 1e6))
     hw = Hardware(
         name=name, description=str(data.get("description", name)), unofficial=bool(data.get("unofficial", False)),
         device_memory=r.number("device.memory_bytes", integer=True),
         device_bandwidth=r.number("device.memory_bandwidth"),
         flops=flops,
-        devices_per_node=r.number("host.devices_per_node", required=False, integer=True) or 1,
+        devices_per_node=r.number("host.devices_per_node", required=False, integer=True, bounds=(1, 1e6)) or 1,
         host_memory=r.number("host.memory_bytes", required=False, integer=True, allow_zero=True) or 0,
         host_bandwidth=r.number("host.memory_bandwidth", required=False) or 0.0,
         link_bandwidth=r.number("host.link_bandwidth", required=False) or 0.0,
@@ -195,5 +201,7 @@ def load_hardware(name: str) -> Hardware:
             data = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HardwareError(f"{p}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise HardwareError(f"{p}: JSON nested too deeply") from None
         return parse_hardware(data, str(p))
     raise HardwareError(f"unknown hardware '{name}' (one of {', '.join(sorted(catalog()))}, or a JSON file)")

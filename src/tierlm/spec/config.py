@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .fields import Fields
+from .fields import METADATA_KEYS, Fields
 from .model import (EngramConfig, GQAConfig, IndexerConfig, LayerSpec, MLAConfig, ModelSpec,
                     MoEConfig, Quantization, V4Config)
 
@@ -25,6 +25,11 @@ MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_mo
 FAMILIES = GQA_FAMILIES + MLA_FAMILIES + ("deepseek_v4",)
 # Multimodal wrappers whose language model sits under `text_config`.
 WRAPPERS = {"gemma3": "gemma3_text", "kimi_k25": "deepseek_v3"}
+# Keys of those wrappers outside text_config (vision tower and multimodal token ids).
+WRAPPER_KEYS = frozenset({"text_config", "vision_config", "quantization_config", "tie_word_embeddings",
+                          "boi_token_index", "eoi_token_index", "image_token_index", "mm_tokens_per_image",
+                          "ignore_index", "media_placeholder_token_id", "use_unified_vision_chunk",
+                          "video_placeholder"})
 
 # DeepSeek's official inference configs (inference/configs/*.json, inference/config.json)
 # use ModelArgs names; map them onto the transformers names.
@@ -46,6 +51,9 @@ OFFICIAL_IGNORED = ("original_seq_len", "rope_factor", "beta_fast", "beta_slow",
 CLASS_DEFAULTS = {"gemma3_text": {"vocab_size": 262208, "max_position_embeddings": 131072,
                                   "sliding_window_pattern": 6}}
 
+MAX_LAYERS = 4096     # the deepest model in the registry has 126
+MAX_MTP_LAYERS = 16
+
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "bf16": "bf16",
                "fp16": "fp16", "fp32": "fp32", "float8_e4m3fn": "fp8", "fp8": "fp8"}
 
@@ -61,6 +69,8 @@ def load_config_file(path: str | Path) -> dict:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: JSON nested too deeply") from None
 
 
 def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) -> ModelSpec:
@@ -69,6 +79,8 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         raise ConfigError(f"config must be a JSON object, got {type(cfg).__name__}")
     cfg = dict(cfg)
     model_type = cfg.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ConfigError(f"field 'model_type' must be a string, got {model_type!r}")
     outer_quant = None
     notes = []
     if model_type in WRAPPERS or (model_type is None and "text_config" in cfg):
@@ -83,6 +95,10 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         for key in ("tie_word_embeddings", "torch_dtype", "dtype"):
             if key in cfg and key not in inner:
                 inner[key] = cfg[key]
+        unknown = sorted(k for k in cfg if k not in WRAPPER_KEYS and k not in METADATA_KEYS)
+        if unknown and not allow_unknown:
+            raise ConfigError(f"unknown field '{unknown[0]}' for model_type '{model_type}'; pass "
+                              "allow_unknown=True / --allow-unknown-fields to ignore it")
         if "vision_config" in cfg:
             notes.append("vision tower (vision_config) weights are not counted; the plan covers the language model")
         cfg = inner
@@ -155,8 +171,15 @@ def _from_official(cfg: dict) -> tuple[dict, str]:
 def _common(f: Fields, family: str) -> dict:
     hidden = f.int("hidden_size")
     n_layers = f.int("num_hidden_layers")
+    _check(n_layers <= MAX_LAYERS, f"field 'num_hidden_layers' is implausibly large ({n_layers}; at most {MAX_LAYERS})")
     return dict(hidden=hidden, n_layers=n_layers, vocab=f.int("vocab_size"),
                 max_position=f.int("max_position_embeddings"))
+
+
+def _bounded_mtp(f: Fields, key: str, default=None) -> int:
+    n = f.int(key, minimum=0) if default is None else f.int(key, default, minimum=0)
+    _check(n <= MAX_MTP_LAYERS, f"field '{key}' is implausibly large ({n}; at most {MAX_MTP_LAYERS})")
+    return n
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -212,7 +235,7 @@ def _parse_gqa(f: Fields, family: str, name: str) -> ModelSpec:
     layers = tuple(LayerSpec(i, kind, ffn_of[i], window) for i, (kind, window) in enumerate(kinds))
     mtp_layers: tuple[LayerSpec, ...] = ()
     if family == "minimax_m2":
-        n_mtp = f.int("num_mtp_modules", 0, minimum=0)
+        n_mtp = _bounded_mtp(f, "num_mtp_modules", 0)
         f.ignore("use_mtp", "mtp_transformer_layers")
         last = layers[-1]
         mtp_layers = tuple(LayerSpec(n + i, last.attention, last.ffn, last.window, mtp=True)
@@ -308,6 +331,7 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
     indexer = None
     if family in ("deepseek_v32", "glm_moe_dsa"):
         indexer = IndexerConfig(f.int("index_n_heads"), f.int("index_head_dim"), f.int("index_topk"))
+        _check(mla.q_lora_rank is not None, f"missing field 'q_lora_rank': the {family} indexer reads the query latent")
     moe, ffn = _deepseek_moe(f, n, router_bias=family != "deepseek_v2")
     _check(not f.bool("mlp_bias", False), "field 'mlp_bias' true is not supported for MLA models")
     if f.has("layer_types"):   # transformers v5 saves e.g. ["indexed_attention", ...]
@@ -323,7 +347,7 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
             _check(k in ("dense", "sparse"), f"field 'mlp_layer_types[{i}]' must be dense or sparse, got {k!r}")
             _check((k == "dense") == (ffn[i] == "dense"), f"field 'mlp_layer_types[{i}]' ({k}) contradicts "
                    f"'first_k_dense_replace' / 'moe_layer_freq'")
-    n_mtp = f.int("num_nextn_predict_layers", 0, minimum=0)
+    n_mtp = _bounded_mtp(f, "num_nextn_predict_layers", 0)
     kind = "dsa" if indexer else "mla"
     shared = _indexer_sharing(f, n) if indexer else [False] * n
     layers = tuple(LayerSpec(i, kind, ffn[i], shared_indexer=shared[i]) for i in range(n))
@@ -404,7 +428,7 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
     v4 = V4Config(heads, head_dim, rope, f.int("q_lora_rank"), o_groups, f.int("o_lora_rank"),
                   f.int("sliding_window"))
     indexer = IndexerConfig(f.int("index_n_heads"), f.int("index_head_dim"), f.int("index_topk"))
-    n_mtp = f.int("num_nextn_predict_layers", minimum=0)
+    n_mtp = _bounded_mtp(f, "num_nextn_predict_layers")
 
     ratios = _v4_ratios(f, n + n_mtp)
     _check(len(ratios) >= n, f"field 'compress_ratios' has {len(ratios)} entries but "
@@ -448,6 +472,7 @@ def _v4_ratios(f: Fields, wanted: int) -> list[tuple[int, bool]]:
         f.ignore("layer_types", "compress_rates")
         ratios = f.int_list("compress_ratios")
         return [(r, r == 4) for r in ratios]
+    _check(f.has("layer_types"), "missing field 'compress_ratios' (or 'layer_types')")
     types = f.str_list("layer_types")
     rates = dict(_V4_TYPES)
     sub = f.sub("compress_rates")

@@ -47,6 +47,11 @@ METADATA_KEYS = frozenset({
 })
 
 
+# No real config has a dimension, count or vocabulary beyond 2^40; larger values are typos
+# (and would make the planner allocate absurd per-layer tables).
+MAX_INT = 2**40
+
+
 class Fields:
     """Typed, consumption-tracking view of one config dict."""
 
@@ -95,6 +100,8 @@ class Fields:
                 raise ConfigError(f"field '{self.name(key)}' must be an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(f"field '{self.name(key)}' must be >= {minimum}, got {value}")
+        if value > MAX_INT:
+            raise ConfigError(f"field '{self.name(key)}' is implausibly large ({value}; at most {MAX_INT})")
         return value
 
     def opt_int(self, key: str, *, minimum: int = 1, aliases: tuple[str, ...] = ()) -> int | None:

@@ -35,11 +35,12 @@ REFERENCES = ("official", "transformers")
 
 
 class Mode:
-    """official: apply the official QAT simulations; exact: run the float32 matmuls of the
-    references (mHC projections, hc head, indexer scores) in float32 even in a float64 model,
-    bit for bit as transformers does. float32 GEMMs round differently for different row
-    counts, so exact=False (run them in max(float32, model dtype)) is what makes a float64
-    model's token-by-token decoding equal its full forward to ~1e-15."""
+    """official: apply the official QAT simulations; exact: reproduce transformers bit for
+    bit: its float32 matmuls (mHC projections, hc head, indexer scores) stay float32 even in
+    a float64 model, and indexer ties go to whatever torch.topk picks. float32 GEMMs round
+    differently for different row counts and topk's tie order depends on the shapes, so
+    exact=False (those matmuls in max(float32, model dtype), ties to the older entry) is
+    what makes token-by-token decoding equal the full forward (~1e-15 in float64)."""
 
     def __init__(self, official: bool, exact: bool):
         self.official, self.exact = official, exact
@@ -74,7 +75,7 @@ class Rope:
 
     def __init__(self, dim: int, theta: float, yarn: dict | None, reference: str):
         self.dim = dim
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
         self.scale = 1.0
         if yarn:
             factor, orig = float(yarn["factor"]), yarn["original"]
@@ -86,12 +87,12 @@ class Rope:
             low, high = max(math.floor(corr(fast)), 0), min(math.ceil(corr(slow)), dim - 1)
             if low == high:
                 high += 0.001
-            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
             keep = 1 - ramp                                     # 1: keep the original frequency
             if reference == "official":
                 freqs = freqs / factor * (1 - keep) + freqs * keep
             else:
-                pos = theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+                pos = theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)
                 freqs = 1.0 / (factor * pos) * (1 - keep) + 1.0 / pos * keep
             self.scale = float(yarn.get("attention_factor") or 1.0)
         self.inv_freq = freqs
@@ -245,7 +246,12 @@ class Indexer(nn.Module):
         n = keys.shape[1]
         visible = (positions + 1) // self.ratio                                             # [B, T]
         future = torch.arange(n, device=x.device).view(1, 1, -1) >= visible.unsqueeze(-1)
-        idx = scores.masked_fill(future, float("-inf")).topk(min(self.topk, n), dim=-1).indices
+        scores, k = scores.masked_fill(future, float("-inf")), min(self.topk, n)
+        if mode.exact:      # torch.topk, as transformers: its tie order depends on the shapes
+            idx = scores.topk(k, dim=-1).indices
+        else:               # ties (ReLU makes exact zeros common) go to the older entry, so the
+            # choice does not depend on how many queries are scored together
+            idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.where(idx >= visible.unsqueeze(-1), -1, idx)
 
     @staticmethod
