@@ -96,7 +96,7 @@ def test_parity_with_transformers(tmp_path, case):
         assert diff <= 1e-9
         # In float64 every float32 cast of the reference (RMSNorm, softmax...) re-quantises the
         # activations, so naive vs absorbed are compared with those ops in float64.
-        ours.ref_fp32 = False
+        ours.exact_fp32 = False
         naive = ours(ids)
         ours.absorb = True
         absorbed = ours(ids)
@@ -111,7 +111,7 @@ def test_parity_with_transformers(tmp_path, case):
 def test_prefill_then_decode_equals_full(tmp_path, case, absorb):
     _, path = make(tmp_path, case)
     ours = load_ours(path)
-    ours.ref_fp32 = False       # exact float64 (see deepseek.py's docstring)
+    ours.exact_fp32 = False       # exact float64 (see deepseek.py's docstring)
     ours.absorb = absorb
     ids = torch.randint(0, COMMON["vocab_size"], (2, T))
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_prefill_then_decode_equals_full(tmp_path, case, absorb):
     print(f"{case[0]} absorb={absorb}: max |prefill+decode - full| = {diff:.2e}")
     assert diff <= 1e-9
     # with the reference's float32 ops, decode differs from the full forward by float32 rounding only
-    ours.ref_fp32 = True
+    ours.exact_fp32 = True
     with torch.no_grad():
         full = ours(ids)
         cache = Cache()

@@ -9,11 +9,11 @@ C kv_lora_rank (the MLA latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_hea
 
 Precision. transformers and DeepSeek's own code compute RMSNorm statistics, RoPE tables,
 router logits/scores, attention softmax and the DSA indexer scores in float32 even when
-the model runs in a wider dtype. With `ref_fp32 = True` (the default) these ops are done
+the model runs in a wider dtype. With `exact_fp32 = True` (the default) these ops are done
 in float32 exactly as there, so a float64 model matches transformers bit for bit in the
 tests (every float32 cast re-quantises the activations). Float32
-results depend on reduction order and GEMM shape, so with `ref_fp32 = True` a decode step
-can differ from the full forward by float32 rounding; `ref_fp32 = False` computes those ops
+results depend on reduction order and GEMM shape, so with `exact_fp32 = True` a decode step
+can differ from the full forward by float32 rounding; `exact_fp32 = False` computes those ops
 in max(dtype, float32) instead (identical to the default for bf16/fp16/fp32 models), which
 makes a float64 model exact to ~1e-15 between prefill+decode and the full forward.
 
@@ -77,12 +77,12 @@ class Args:
     indexer_types: tuple[str, ...] = ()
     # runtime switches, shared by every module of one model
     absorb: bool = False
-    ref_fp32: bool = True
+    exact_fp32: bool = True
     dense_layers: frozenset = field(default_factory=frozenset)
 
     def up(self, dtype: torch.dtype) -> torch.dtype:
         """dtype of the ops the references run in float32."""
-        if self.ref_fp32:
+        if self.exact_fp32:
             return torch.float32
         return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -467,12 +467,12 @@ class DeepseekForCausalLM(nn.Module):
         self.args.absorb = bool(value)
 
     @property
-    def ref_fp32(self) -> bool:
-        return self.args.ref_fp32
+    def exact_fp32(self) -> bool:
+        return self.args.exact_fp32
 
-    @ref_fp32.setter
-    def ref_fp32(self, value: bool) -> None:
-        self.args.ref_fp32 = bool(value)
+    @exact_fp32.setter
+    def exact_fp32(self, value: bool) -> None:
+        self.args.exact_fp32 = bool(value)
 
     @property
     def num_mtp_layers(self) -> int:

@@ -314,10 +314,8 @@ class Attention(nn.Module):
                 back = torch.arange(-past.shape[1], 0, device=x.device).unsqueeze(0)
                 kv, kpos = torch.cat([past, kv], dim=1), torch.cat([positions[:, :1] + back, positions], dim=1)
             state["kv"] = kv[:, max(kv.shape[1] - (self.window - 1), 0):]
-        delta = positions.unsqueeze(-1) - kpos.unsqueeze(1)                     # [B, T, S]
-        bias = torch.zeros(delta.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill((delta < 0) | (delta >= self.window), float("-inf"))
 
+        comp = cbias = None
         if self.ratio:
             comp = self.compressor(x, self.rope, state, "c_")
             if state is not None:
@@ -334,10 +332,23 @@ class Attention(nn.Module):
                 visible = (positions + 1) // self.ratio
                 hidden = torch.arange(n, device=x.device).view(1, 1, -1) >= visible.unsqueeze(-1)
                 cbias = torch.zeros((b, t, n), dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
-            kv = torch.cat([kv, comp], dim=1)
-            bias = torch.cat([bias, cbias], dim=-1)
 
-        o = sink_attention(q, kv, bias, self.attn_sink, self.head_dim ** -0.5)
+        # Queries in chunks: a chunk only sees window keys from its first query's window start
+        # to its last query, so the window part costs O(T * (W + chunk)) instead of O(T^2).
+        chunk = max(self.window, 64)
+        past = kv.shape[1] - t
+        outs = []
+        for s in range(0, t, chunk):
+            e = min(s + chunk, t)
+            lo, hi = max(past + s - self.window + 1, 0), past + e
+            delta = positions[:, s:e].unsqueeze(-1) - kpos[:, lo:hi].unsqueeze(1)       # [B, C, S]
+            bias = torch.zeros(delta.shape, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill((delta < 0) | (delta >= self.window), float("-inf"))
+            keys = kv[:, lo:hi]
+            if comp is not None:
+                keys, bias = torch.cat([keys, comp], dim=1), torch.cat([bias, cbias[:, s:e]], dim=-1)
+            outs.append(sink_attention(q[:, s:e], keys, bias, self.attn_sink, self.head_dim ** -0.5))
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         o = apply_rope(o, cos, sin, inverse=True)
         o = o.reshape(b, t, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, self.o_lora_rank, -1)
@@ -348,11 +359,11 @@ class Attention(nn.Module):
 def sink_attention(q, kv, bias, sink, scale):
     """q [B, T, H, D], kv [B, S, D] (K = V), bias [B, T, S] additive mask; the sink logit of
     each head joins the softmax denominator only."""
-    b, t, h, _ = q.shape
+    h = q.shape[2]
     logits = torch.matmul(q.transpose(1, 2), kv.transpose(1, 2).unsqueeze(1)) * scale + bias.unsqueeze(1)
-    logits = torch.cat([logits, sink.view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = F.softmax(logits, dim=-1)[..., :-1]
+    # softmax over [logits, sink] without materialising the extra column
+    lse = torch.logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), sink.to(logits.dtype).view(1, h, 1, 1))
+    probs = torch.exp(logits - lse)
     return torch.matmul(probs, kv.unsqueeze(1)).transpose(1, 2)                # [B, T, H, D]
 
 
