@@ -507,8 +507,10 @@ def _parse_engram(f: Fields, n_layers: int) -> EngramConfig | None:
     heads = e.int("n_head_per_ngram")
     _check(per % heads == 0, f"field '{key}.n_embed_per_ngram' ({per}) must be a multiple of "
            f"'n_head_per_ngram' ({heads})")
-    cfg = EngramConfig(tuple(ids), tuple(sizes), max_n, per, heads, e.int("kernel_size", 4))
-    e.ignore("pad_id", "seed", "tokenizer_name_or_path", "hidden_size", "hc_mult")
+    # kernel_size, pad_id and seed default to engram_demo_v1.py's EngramConfig values.
+    cfg = EngramConfig(tuple(ids), tuple(sizes), max_n, per, heads, e.int("kernel_size", 4),
+                       e.int("pad_id", 2, minimum=0), e.int("seed", 0, minimum=0))
+    e.ignore("tokenizer_name_or_path", "hidden_size", "hc_mult")
     e.check_unknown("engram")
     return cfg
 

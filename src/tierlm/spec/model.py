@@ -81,6 +81,8 @@ class EngramConfig:
     n_embed_per_ngram: int
     n_head_per_ngram: int
     kernel_size: int = 4
+    pad_id: int = 2                  # compressed before hashing; demo default
+    seed: int = 0                    # multipliers: default_rng(seed + 10007 * layer_id)
 
 
 @dataclass(frozen=True)

@@ -266,8 +266,10 @@ def _engram_groups(spec: ModelSpec) -> list[ParamGroup]:
     for layer, rows in zip(e.layer_ids, engram_table_rows(e.layer_ids, e.vocab_sizes, e.n_head_per_ngram)):
         out.append(ParamGroup("engram", f"engram.{layer}.table", (rows, dim), kind="embedding", tp="replicate"))
     n = len(e.layer_ids)
+    # The demo's key/value projections are nn.Linear with bias (one key projection per hc stream).
     out += [ParamGroup("engram", "engram.key_proj", (h, feat), n * hc, tp="replicate"),
             ParamGroup("engram", "engram.value_proj", (h, feat), n, tp="replicate"),
+            ParamGroup("engram", "engram.proj_bias", (h,), n * (hc + 1), kind="vector", tp="replicate"),
             ParamGroup("engram", "engram.norms", (3 * h,), n * hc, kind="vector", tp="replicate"),
             ParamGroup("engram", "engram.conv", (hc * h, e.kernel_size), n, kind="vector", tp="replicate")]
     return out

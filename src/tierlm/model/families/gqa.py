@@ -15,6 +15,7 @@ from torch import nn
 
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
+from ..engram import Engram, EngramHashing
 from ..layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -126,8 +127,14 @@ class Block(nn.Module):
             else MoE(spec, mixtral)
         self.ffn_name = "block_sparse_moe" if mixtral and layer.ffn != "dense" else "mlp"
         setattr(self, self.ffn_name, ffn)
+        # Optional Engram (deepseek-ai/Engram): h = h + engram(h, indices) before attention.
+        e = spec.engram
+        self.engram = Engram.from_spec(spec, layer.index) if e is not None and layer.index in e.layer_ids else None
 
-    def forward(self, x, positions, cos, sin, cache):
+    def forward(self, x, positions, cos, sin, cache, engram_indices=None):
+        if self.engram is not None:
+            state = cache.layer(self.engram.layer_id) if cache is not None else None
+            x = x + self.engram(x, engram_indices[self.engram.layer_id], state)
         x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache)
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
@@ -148,6 +155,9 @@ class CausalLM(nn.Module):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.theta, self.scaling = _rope_config(spec)
+        # Engram lookup indices depend on token ids only: computed here, outside the blocks.
+        # Replace with EngramHashing.from_spec(spec, lookup_table) to use a tokenizer's compression.
+        self.engram_hashing = EngramHashing.from_spec(spec) if spec.engram is not None else None
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         start = cache.length if cache is not None else 0
@@ -156,8 +166,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         inv = rope_inv_freq(self.spec.gqa.head_dim, self.theta, self.scaling, device=x.device)
         cos, sin = rope_cos_sin(positions, inv, x.dtype)
+        engram = self.engram_hashing.step(input_ids, cache) if self.engram_hashing is not None else None
         for block in self.model.layers:
-            x = block(x, positions, cos, sin, cache)
+            x = block(x, positions, cos, sin, cache, engram)
         x = self.model.norm(x)
         if cache is not None:
             cache.length += T
