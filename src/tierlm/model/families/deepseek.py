@@ -396,7 +396,7 @@ class MoE(nn.Module):
         y = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
-            y.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
+            y.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None].to(y.dtype))
         if self.args.n_shared:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -434,7 +434,7 @@ class MoE(nn.Module):
         y = torch.zeros_like(x)
         for e in idx.unique().tolist():
             rows, slot = torch.where(idx == e)
-            y.index_add_(0, rows, self.experts[e](x[rows]) * w[rows, slot, None])
+            y.index_add_(0, rows, self.experts[e](x[rows]) * w[rows, slot, None].to(y.dtype))
         return (y + self.shared_experts(x)).view(shape)
 
 
