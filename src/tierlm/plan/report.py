@@ -17,6 +17,11 @@ def _ctx(x):
     return "never" if x is None else f"{x:,}"
 
 
+def _reload(r: dict) -> str:
+    """Break-even context of one tier; n/a when the hardware has no such tier."""
+    return "n/a" if "note" in r else f"{_ctx(r['break_even_context'])} tok"
+
+
 def comparison_table(plans: list[Plan]) -> Table:
     t = Table(title="tierlm plan", show_lines=False, title_justify="left")
     t.add_column("", style="bold")
@@ -40,7 +45,7 @@ def comparison_table(plans: list[Plan]) -> Table:
         ("  min devices (all on device)", lambda d: _ctx(d["limits"]["min_devices"])),
         ("decode tok/s (all sequences)", lambda d: "does not fit" if "error" in d["decode"] else f"{d['decode']['tokens_per_s']:,.1f} ({d['decode']['bound']}-bound)"),
         ("prefill time", lambda d: f"{d['prefill']['t_s']:,.2f} s"),
-        ("reload beats recompute from", lambda d: f"host {_ctx(d['reload_vs_recompute']['host']['break_even_context'])} / disk {_ctx(d['reload_vs_recompute']['disk']['break_even_context'])} tok"),
+        ("reload beats recompute from", lambda d: " / ".join(f"{t} {_reload(d['reload_vs_recompute'][t])}" for t in ("host", "disk"))),
         ("$/Mtok output / input", lambda d: f"{_money(d['cost'].get('output_per_mtok'))} / {_money(d['cost'].get('input_per_mtok'))}"),
     ]
     for label, fn in rows:
