@@ -1,12 +1,15 @@
 """Parity of tierlm's DeepSeek family (deepseek.py) with transformers 5.23 in float64.
 
 Tiny random configurations of DeepseekV2/V3/V32 and GlmMoeDsa; each is saved with
-save_pretrained, loaded with tierlm.model.load and compared logit by logit.
+save_pretrained, loaded with tierlm.model.load and compared logit by logit (with
+`set_reference("transformers")`; V3.2 defaults to DeepSeek's official indexer, pinned by the
+`test_official_indexer_*` tests).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +90,8 @@ def hf_logits(model, ids):
 def test_parity_with_transformers(tmp_path, case):
     hf, path = make(tmp_path, case)
     ours = load_ours(path)
+    ours.set_reference("transformers")
+    assert ours.exact_fp32
     ids = torch.randint(0, COMMON["vocab_size"], (2, T))
     ref = hf_logits(hf, ids)
     with torch.no_grad():
@@ -111,6 +116,7 @@ def test_parity_with_transformers(tmp_path, case):
 def test_prefill_then_decode_equals_full(tmp_path, case, absorb):
     _, path = make(tmp_path, case)
     ours = load_ours(path)
+    ours.set_reference("transformers")    # the official V3.2 indexer: test_official_indexer_decode
     ours.exact_fp32 = False       # exact float64 (see deepseek.py's docstring)
     ours.absorb = absorb
     ids = torch.randint(0, COMMON["vocab_size"], (2, T))
@@ -222,3 +228,160 @@ def test_v2_norm_topk_prob_follows_deepseek_code():
     model.args.norm_topk_prob = False
     w2, idx2 = gate(torch.randn(5, COMMON["hidden_size"]))
     assert (w2.sum(-1) < 3.0).all() and (w2.sum(-1) > 0).all()
+
+
+# ------------------------------------------------------------------ official V3.2 indexer
+# DeepSeek-V3.2-Exp inference/model.py `Indexer`: RoPE, rotate_activation (Hadamard, d^-0.5),
+# act_quant (FP8 e4m3, block 128, ue8m0 scales when scale_fmt is set, else amax / 448), the
+# quantised keys cached; transformers has neither. One 128-dim indexer head = one block.
+OFFICIAL = ("v32-official", "DeepseekV32ForCausalLM", "DeepseekV32Config",
+            dict(q_lora_rank=24, num_hidden_layers=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+                 index_topk=5, index_head_dim=128, index_n_heads=16))
+
+
+def _e4m3_grid():
+    vals = {0.0}
+    for e in range(16):
+        for m in range(8):
+            if e == 15 and m == 7:
+                continue                                   # NaN in e4m3fn
+            v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+            vals |= {v, -v}
+    return torch.tensor(sorted(vals), dtype=torch.float64)
+
+
+def _to_grid(y):
+    grid = _e4m3_grid()
+    return grid[(y.unsqueeze(-1) - grid).abs().argmin(-1)]
+
+
+def _sylvester(d):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return h / math.sqrt(d)
+
+
+@pytest.fixture(scope="module")
+def official_model(tmp_path_factory):
+    _, path = make(tmp_path_factory.mktemp("official"), OFFICIAL)
+    ours = load_ours(path)
+    assert ours.reference == "official" and not ours.exact_fp32    # V3.2 default
+    return ours
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_official_indexer_caches_fp8_keys(official_model, scale_fmt):
+    """(a) cached indexer keys = FP8(e4m3) round trip of Hadamard(rotated keys), one scale per
+    128 channels; re-derived here with a dense Sylvester matrix and a hand-built e4m3 grid."""
+    ours = official_model
+    ours.set_reference("official")
+    ours.args.index_scale_fmt = scale_fmt
+    layer = 1                                                      # layer 0 is dense-FFN, both have DSA
+    idx = ours.model.layers[layer].self_attn.indexer
+    seen = {}
+    hook = idx.register_forward_pre_hook(lambda m, a: seen.update(x=a[0], rope=a[2]))
+    ids = torch.randint(0, COMMON["vocab_size"], (2, T))
+    try:
+        with torch.no_grad():
+            cache = Cache()
+            ours(ids, cache)
+            R = ours.args.qk_rope
+            k = idx.k_norm(idx.wk(seen["x"])).unsqueeze(2)
+            k = torch.cat([deepseek.apply_rope(k[..., :R], seen["rope"], "half"), k[..., R:]], -1).squeeze(2)
+    finally:
+        hook.remove()
+        ours.args.index_scale_fmt = None
+    cached = cache.layer(layer)["index_k"]                         # [B, T, 128]
+    assert cached.shape == (2, T, 128) and cached.dtype == torch.float64
+    rotated = k @ _sylvester(128).T
+    amax = rotated.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+    scale = 2.0 ** torch.ceil(torch.log2(amax / 448)) if scale_fmt else amax / 448
+    want = _to_grid((rotated / scale).clamp(-448, 448)) * scale
+    assert (cached - want).abs().max() <= 1e-12 * amax.max()
+    # on the grid: with power-of-two scales exactly, with amax / 448 up to float64 rounding
+    s = cached.abs().amax(-1, keepdim=True) / 448
+    if scale_fmt:
+        s = 2.0 ** torch.ceil(torch.log2(s))
+        assert torch.equal(_to_grid(cached / s) * s, cached)
+        assert ((cached.abs().amax(-1) / s.squeeze(-1)) > 224).all()   # the smallest power of two
+    else:
+        assert torch.allclose(cached.abs().amax(-1), torch.full_like(s.squeeze(-1), 448) * s.squeeze(-1), rtol=0, atol=0)
+        assert ((cached / s - _to_grid(cached / s)).abs() <= 1e-12 * 448).all()
+    assert not torch.equal(_to_grid(k / (k.abs().amax(-1, keepdim=True) / 448)) * k.abs().amax(-1, keepdim=True) / 448,
+                           cached)                                  # not the unrotated keys
+
+
+def test_official_indexer_differs_from_transformers(official_model, monkeypatch):
+    """(b) the official and transformers indexers choose different top-k sets on some input;
+    both give finite logits. With the quantisation and rotation replaced by identities the
+    official path equals transformers' (it only folds d^-0.5 into the weights)."""
+    ours = official_model
+    sel = {}
+    idx = ours.model.layers[0].self_attn.indexer
+
+    def record(module, args, out):       # first selection per reference; returns None (keeps `out`)
+        sel.setdefault(ours.reference, out)
+
+    hook = idx.register_forward_hook(record)
+    ids = torch.randint(0, COMMON["vocab_size"], (4, 2 * T), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            ours.set_reference("transformers", exact_fp32=False)
+            tf = ours(ids)
+            ours.set_reference("official")
+            off = ours(ids)
+            monkeypatch.setattr(deepseek, "fake_quant", lambda x, *a, **k: x)
+            monkeypatch.setattr(deepseek, "hadamard", lambda x: x)
+            same = ours(ids)
+    finally:
+        hook.remove()
+    assert torch.isfinite(tf).all() and torch.isfinite(off).all()
+    changed = (sel["official"] != sel["transformers"]).any(-1)     # [B, T] rows whose top-k set differs
+    print(f"official vs transformers: {int(changed.sum())}/{changed.numel()} indexer rows select differently; "
+          f"max |dlogits| = {(off - tf).abs().max():.2e}")
+    assert changed.any()
+    assert (off - tf).abs().max() > 1e-6
+    assert (same - tf).abs().max() <= 1e-12
+
+
+def test_official_indexer_decode_equals_full(official_model):
+    """(c) prefill + token-by-token decode == full forward with the official indexer (ue8m0
+    scales, as the shipped V3.2 config; the amax / 448 path is per-token in the same way)."""
+    ours = official_model
+    scale_fmt = "ue8m0"
+    ours.set_reference("official", exact_fp32=False)
+    ours.args.index_scale_fmt = scale_fmt
+    ids = torch.randint(0, COMMON["vocab_size"], (2, T))
+    try:
+        with torch.no_grad():
+            full = ours(ids)
+            cache = Cache()
+            steps = [ours(ids[:, :5], cache)] + [ours(ids[:, t:t + 1], cache) for t in range(5, T)]
+    finally:
+        ours.args.index_scale_fmt = None
+    diff = (torch.cat(steps, dim=1) - full).abs().max().item()
+    print(f"official indexer, scale_fmt={scale_fmt}: max |prefill+decode - full| = {diff:.2e}")
+    assert diff <= 1e-9
+
+
+def test_reference_defaults_and_glm_stays_transformers(tmp_path):
+    """V3.2 defaults to the official indexer, GLM-5 (no DeepSeek official code) to transformers,
+    and "official" leaves GLM-5 unchanged; scale_fmt is read from quantization_config."""
+    with pytest.raises(ValueError):
+        deepseek.DeepseekForCausalLM.set_reference(None, "vllm")
+    _, path = make(tmp_path, CASES[6])
+    glm = load_ours(path)
+    assert glm.reference == "transformers" and glm.exact_fp32 and not glm.args.official_indexer
+    ids = torch.randint(0, COMMON["vocab_size"], (1, T))
+    with torch.no_grad():
+        tf = glm(ids)
+        glm.set_reference("official", exact_fp32=True)
+        assert not glm.args.official_indexer
+        assert torch.equal(glm(ids), tf)
+    cfg = {**COMMON, "model_type": "deepseek_v32", "num_hidden_layers": 1, "q_lora_rank": 24,
+           "index_topk": 4, "index_head_dim": 16, "index_n_heads": 2,
+           "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                   "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+    args = deepseek.make_args(parse_config(cfg))
+    assert args.index_scale_fmt == "ue8m0" and args.reference == "official" and args.official_indexer

@@ -14,6 +14,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import tierlm.model as tm  # noqa: E402
 from tierlm.model import Cache  # noqa: E402
+from tierlm.model import quant  # noqa: E402
 from tierlm.model.families import deepseek_v4 as v4  # noqa: E402
 
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -129,12 +130,13 @@ def test_official_differs_and_pins_qat(case):
         for i, layer in enumerate(model.model.layers):
             st = cache.layer(i)
             nope = st["kv"][..., :-rd]
-            assert torch.equal(v4.fake_quant(nope, 64, "fp8"), nope)     # window KV on the FP8 grid
+            assert torch.equal(quant.fake_quant(nope, 64, "fp8"), nope)     # window KV on the FP8 grid
             if "c_kv" in st:
-                assert torch.equal(v4.fake_quant(st["c_kv"][..., :-rd], 64, "fp8"), st["c_kv"][..., :-rd])
+                assert torch.equal(quant.fake_quant(st["c_kv"][..., :-rd], 64, "fp8"), st["c_kv"][..., :-rd])
             if "ix_keys" in st:
-                assert torch.equal(v4.fake_quant(st["ix_keys"], 32, "fp4"), st["ix_keys"])
-        # with the simulations replaced by identities, official == transformers
+                assert torch.equal(quant.fake_quant(st["ix_keys"], 32, "fp4"), st["ix_keys"])
+        # with the simulations replaced by identities, official == transformers (deepseek_v4
+        # calls them through its own module globals, imported from tierlm.model.quant)
         saved = v4.fake_quant, v4.hadamard
         v4.fake_quant, v4.hadamard = (lambda x, *a: x), (lambda x: x)
         try:
@@ -176,7 +178,7 @@ def test_fake_quant_matches_independent_derivation():
     for fmt, block, qmax, grid in (("fp8", 64, 448.0, _e4m3_values()),
                                    ("fp4", 32, 6.0, torch.tensor([-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2,
                                                                    3, 4, 6], dtype=torch.float64))):
-        got = v4.fake_quant(x, block, fmt)
+        got = quant.fake_quant(x, block, fmt)
         want = torch.empty_like(x)
         for r, c in itertools.product(range(x.shape[0]), range(0, x.shape[1], block)):
             blk = x[r, c:c + block]
@@ -190,7 +192,7 @@ def test_hadamard_is_sylvester():
     for _ in range(4):
         h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
     x = torch.randn(3, 16, dtype=torch.float64)
-    assert torch.allclose(v4.hadamard(x), x @ h.T / 4, atol=1e-14)
+    assert torch.allclose(quant.hadamard(x), x @ h.T / 4, atol=1e-14)
 
 
 def test_mhc_matches_official_formula():

@@ -159,6 +159,8 @@ def _from_official(cfg: dict) -> tuple[dict, str]:
         quant = {"quant_method": "fp8", "weight_block_size": [128, 128]}
         if cfg.get("expert_dtype") in ("fp4", "mxfp4"):
             quant["expert_dtype"] = "fp4"
+        if cfg.get("scale_fmt"):        # ue8m0 activation scales (the V3.2 indexer's act_quant reads it)
+            quant["scale_fmt"] = cfg["scale_fmt"]
     if quant:
         out["quantization_config"] = quant
     out["torch_dtype"] = "bfloat16"

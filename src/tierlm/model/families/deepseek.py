@@ -7,14 +7,28 @@ checkpoint name (`rename` maps the official DeepSeek names onto them).
 Shapes: B batch, T new tokens, S visible tokens (cache + new), H heads, D model dim,
 C kv_lora_rank (the MLA latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
 
+Reference. `model.set_reference("official" | "transformers", exact_fp32=None)` picks the
+behaviour where DeepSeek's official inference code and transformers differ in a way that is
+more than rounding (see docs/models.md). The only such switchable difference is the V3.2
+lightning indexer: "official" (the default for deepseek_v32) rotates the indexer queries and
+keys with a Hadamard transform and fake-quantises them to FP8 (block 128; ue8m0 power-of-two
+scales when the config has `scale_fmt`, else amax / 448) before scoring, caches the quantised
+keys and folds the d^-0.5 score scale into the head weights, as `Indexer` in
+deepseek-ai/DeepSeek-V3.2-Exp `inference/model.py` does; "transformers" does none of that.
+GLM-5 (glm_moe_dsa) has no DeepSeek official code, so its indexer always follows transformers
+(its default reference is "transformers" and "official" changes nothing there); for V2 / V3 /
+Kimi-K2 the two references currently compute the same thing.
+
 Precision. transformers and DeepSeek's own code compute RMSNorm statistics, RoPE tables,
 router logits/scores, attention softmax and the DSA indexer scores in float32 even when
-the model runs in a wider dtype. With `exact_fp32 = True` (the default) these ops are done
-in float32 exactly as there, so a float64 model matches transformers bit for bit in the
-tests (every float32 cast re-quantises the activations). Float32
+the model runs in a wider dtype. With `exact_fp32 = True` (the default for the transformers
+reference; `set_reference` sets it unless given) these ops are done in float32 exactly as
+there, so a float64 model matches transformers bit for bit in the tests (every float32 cast
+re-quantises the activations). Float32
 results depend on reduction order and GEMM shape, so with `exact_fp32 = True` a decode step
-can differ from the full forward by float32 rounding; `exact_fp32 = False` computes those ops
-in max(dtype, float32) instead (identical to the default for bf16/fp16/fp32 models), which
+can differ from the full forward by float32 rounding; `exact_fp32 = False` (the default for
+the official reference) computes those ops
+in max(dtype, float32) instead (identical to `True` for bf16/fp16/fp32 models), which
 makes a float64 model exact to ~1e-15 between prefill+decode and the full forward.
 
 `absorb = True` selects the absorbed (latent-space, MQA-style) MLA path; the default is the
@@ -35,6 +49,10 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import ModelSpec
 from ..cache import Cache
+from ..quant import fake_quant, hadamard
+
+REFERENCES = ("official", "transformers")
+INDEX_QUANT_BLOCK = 128          # official `block_size` of the indexer's act_quant
 
 
 # ------------------------------------------------------------------------------ args
@@ -75,10 +93,18 @@ class Args:
     index_topk: int = 0
     index_interleave: bool = False   # GLM-5: interleaved RoPE in the indexer; V3.2: rotate-half
     indexer_types: tuple[str, ...] = ()
+    index_scale_fmt: str | None = None   # official `scale_fmt` (ue8m0): power-of-two FP8 scales
     # runtime switches, shared by every module of one model
     absorb: bool = False
     exact_fp32: bool = True
+    reference: str = "transformers"
     dense_layers: frozenset = field(default_factory=frozenset)
+
+    @property
+    def official_indexer(self) -> bool:
+        """The V3.2 indexer runs DeepSeek's official Hadamard + FP8 path (GLM-5 has no
+        official DeepSeek code and always follows transformers)."""
+        return self.reference == "official" and self.family == "deepseek_v32"
 
     def up(self, dtype: torch.dtype) -> torch.dtype:
         """dtype of the ops the references run in float32."""
@@ -138,6 +164,9 @@ def make_args(spec: ModelSpec) -> Args:
     idx = spec.indexer
     # Which DSA layers reuse the previous top-k (GLM-5.x IndexShare) comes from the spec.
     types = tuple("shared" if l.shared_indexer else "full" for l in spec.layers) if idx else ()
+    # official configs carry `scale_fmt` at the top level, HF ones in quantization_config
+    scale_fmt = cfg.get("scale_fmt") or (cfg.get("quantization_config") or {}).get("scale_fmt")
+    reference = "official" if family == "deepseek_v32" else "transformers"
     return Args(
         family=family, dim=spec.hidden_size, vocab=spec.vocab_size, n_layers=n,
         inter_dim=spec.dense_intermediate or 0, moe_inter_dim=moe.expert_intermediate,
@@ -153,7 +182,8 @@ def make_args(spec: ModelSpec) -> Args:
         softmax_scale=scale, rope_factor=rope_factor,
         index_heads=idx.n_heads if idx else 0, index_dim=idx.head_dim if idx else 0,
         index_topk=idx.topk if idx else 0, index_interleave=family == "glm_moe_dsa",
-        indexer_types=types,
+        indexer_types=types, index_scale_fmt=scale_fmt,
+        reference=reference, exact_fp32=reference == "transformers",
         dense_layers=frozenset(l.index for l in spec.layers if l.ffn == "dense"),
     )
 
@@ -239,7 +269,13 @@ class MLP(nn.Module):
 
 # ------------------------------------------------------------------------------ DSA indexer
 class Indexer(nn.Module):
-    """Lightning indexer: I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s] * d^-0.5); top-k per query."""
+    """Lightning indexer: I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s] * d^-0.5); top-k per query.
+
+    Official reference (V3.2, `args.official_indexer`), in the official order: RoPE on the first
+    R dims, Hadamard rotation of q and k (`rotate_activation`), FP8 block quantisation of both
+    (`act_quant`, block 128) with the quantised keys cached, then
+    I = sum_h relu(q_fp8 . k_fp8) * (w_h * H^-0.5 * q_scale * d^-0.5) * k_scale (`fp8_index`),
+    simulated here with dequantised values: relu(q . k) * (w_h * H^-0.5 * d^-0.5)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -263,17 +299,32 @@ class Indexer(nn.Module):
         q = torch.cat([apply_rope(q[..., :R], rope, style), q[..., R:]], dim=-1)      # RoPE dims first
         k = self.k_norm(self.wk(x)).unsqueeze(2)                                         # [B,T,1,d]
         k = torch.cat([apply_rope(k[..., :R], rope, style), k[..., R:]], dim=-1).squeeze(2)
+        up = a.up(x.dtype)
+        if a.official_indexer:
+            q, k = self._quant(q, up), self._quant(k, up)
         if cache is not None:
             k = cache.append(layer, "index_k", k)                                        # [B,S,d]
-        up = a.up(x.dtype)
         scores = torch.matmul(q.to(up), k.transpose(-1, -2).to(up).unsqueeze(1))        # [B,T,h,S]
-        scores = F.relu(scores * a.index_dim ** -0.5)
-        w = self.weights_proj(x).to(up) * a.index_heads ** -0.5                          # [B,T,h]
+        if a.official_indexer:   # the d^-0.5 score scale is folded into the head weights
+            scores = F.relu(scores)
+            w = (self.weights_proj(x) * a.index_heads ** -0.5).to(up) * a.index_dim ** -0.5
+        else:
+            scores = F.relu(scores * a.index_dim ** -0.5)
+            w = self.weights_proj(x).to(up) * a.index_heads ** -0.5                      # [B,T,h]
         index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2)                        # [B,T,S]
         index = index.masked_fill(~visible, float("-inf"))
         top = index.topk(min(a.index_topk, index.shape[-1]), dim=-1).indices
         selected = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
         return selected & visible
+
+    def _quant(self, v: torch.Tensor, up: torch.dtype) -> torch.Tensor:
+        """Official `rotate_activation` then `act_quant` round trip: the Hadamard transform is
+        computed in float32 (or wider) and rounded once to the activation dtype, as
+        fast_hadamard_transform does for its bf16 input; the FP8 quantisation and the
+        dequantised result are in the indexer's score dtype `up` (the official kernel keeps
+        the fp32 scales beside the FP8 values)."""
+        rotated = hadamard(v.to(up)).to(v.dtype)
+        return fake_quant(rotated.to(up), INDEX_QUANT_BLOCK, "fp8", pow2=self.args.index_scale_fmt is not None)
 
 
 # ------------------------------------------------------------------------------ MLA
@@ -473,6 +524,20 @@ class DeepseekForCausalLM(nn.Module):
     @exact_fp32.setter
     def exact_fp32(self, value: bool) -> None:
         self.args.exact_fp32 = bool(value)
+
+    @property
+    def reference(self) -> str:
+        return self.args.reference
+
+    def set_reference(self, reference: str, exact_fp32: bool | None = None) -> None:
+        """Switch between DeepSeek's official behaviour and transformers' (see the module
+        docstring; only the V3.2 indexer differs). exact_fp32 (default: True for
+        "transformers", False for "official") keeps transformers' float32 ops in a float64
+        model. A cache filled under one reference should not be continued under the other."""
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}")
+        self.args.reference = reference
+        self.exact_fp32 = reference == "transformers" if exact_fp32 is None else exact_fp32
 
     @property
     def num_mtp_layers(self) -> int:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
+from ..quant import fake_quant, hadamard   # shared with deepseek.py (tests patch these names here)
 
 REFERENCES = ("official", "transformers")
 
@@ -118,43 +119,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     rotated = (rope.float() * cos + swapped.float() * sin).to(x.dtype)
     return torch.cat([nope, rotated], dim=-1)
-
-
-# ------------------------------------------------------------ official QAT simulations
-def _round_fp4(v: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E2M1 value (0, .5, 1, 1.5, 2, 3, 4, 6), ties to even mantissa."""
-    a = v.abs().clamp(max=6.0)
-    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).to(v.dtype)
-    return torch.sign(v) * torch.round(a / step) * step
-
-
-def fake_quant(x: torch.Tensor, block: int, fmt: str) -> torch.Tensor:
-    """Per-block absmax quantise-dequantise along the last dim, as the official `act_quant`
-    (fmt "fp8": E4M3, max 448) and `fp4_act_quant` (fmt "fp4": E2M1, max 6) do in place.
-    Scales are powers of two (ue8m0 / e8m0). A trailing partial block is its own block."""
-    d = x.shape[-1]
-    pad = (-d) % block
-    h = F.pad(x, (0, pad)) if pad else x
-    h = h.unflatten(-1, (-1, block))
-    qmax = 448.0 if fmt == "fp8" else 6.0
-    amax = h.abs().amax(-1, keepdim=True).clamp(min=1e-4)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / qmax)))
-    y = (h / scale).clamp(-qmax, qmax)
-    y = y.to(torch.float8_e4m3fn).to(x.dtype) if fmt == "fp8" else _round_fp4(y)
-    return (y * scale).flatten(-2)[..., :d]
-
-
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Sylvester-ordered Walsh-Hadamard transform of the last dim, scaled by d^-1/2."""
-    d = x.shape[-1]
-    assert d & (d - 1) == 0, "Hadamard rotation needs a power-of-two dim"
-    h = x.reshape(-1, d)
-    step = 1
-    while step < d:
-        h = h.view(-1, d // (2 * step), 2, step)
-        h = torch.stack([h[:, :, 0] + h[:, :, 1], h[:, :, 0] - h[:, :, 1]], dim=2)
-        step *= 2
-    return h.reshape(x.shape) * d ** -0.5
 
 
 # ----------------------------------------------------------------------------- attention
