@@ -1,4 +1,4 @@
-"""GQA families (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral) against transformers==5.23.0
+"""GQA families (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, gpt-oss) against transformers==5.23.0
 in float64, plus incremental decoding and the checkpoint loader's error paths."""
 
 import json
@@ -34,6 +34,19 @@ CONFIGS = {
                                                                         num_experts_per_tok=3, norm_topk_prob=False)),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(num_key_value_heads=2, intermediate_size=16, num_hidden_layers=2,
                                                           num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
+    # gpt-oss: q/k/v/o biases, sinks, per-layer windows (shorter than the 14-token test sequence),
+    # YaRN (the class default: factor 32, no truncation; then a truncated one with its own theta),
+    # biased router and fused biased experts; the second clamps its SwiGLU (limit 0.3 < typical |gate|).
+    "gpt-oss": (T.GptOssConfig, T.GptOssForCausalLM, dict(num_key_value_heads=2, head_dim=8, intermediate_size=16,
+                                                        num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2,
+                                                        sliding_window=4,
+                                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "gpt-oss-yarn-truncated-clamped": (T.GptOssConfig, T.GptOssForCausalLM, dict(
+        num_key_value_heads=1, head_dim=16, intermediate_size=24, num_hidden_layers=3, num_local_experts=5,
+        num_experts_per_tok=3, sliding_window=5, swiglu_limit=0.3,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                         "original_max_position_embeddings": 64, "truncate": True})),
 }
 
 
@@ -162,3 +175,65 @@ def test_fp8_block_scaled_checkpoint_matches_bf16(tmp_path):
     # relative rounding error up to 2^-4 per weight, compounding over two layers).
     rel = ((lo - lf).norm() / lo.norm()).item()
     assert 0 < rel < 0.1, rel
+
+
+def test_mxfp4_experts_checkpoint(tmp_path):
+    # A gpt-oss model re-saved as the released checkpoints are: expert matrices as MXFP4 (`*_blocks`,
+    # uint8 [E, out, in/32, 16], two e2m1 codes a byte, low nibble first; `*_scales`, e8m0 [E, out, in/32]).
+    cfg = T.GptOssConfig(vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=32, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                         sliding_window=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = T.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    ref.save_pretrained(tmp_path / "fp32")
+    tensors = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    magnitudes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    quant, deq = {}, {}
+    for k, w in tensors.items():
+        if not k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            quant[k] = deq[k] = w
+            continue
+        rows = w.transpose(1, 2)                                      # [E, out, in], the checkpoint's row order
+        E, n_out, n_in = rows.shape
+        groups = rows.reshape(E, n_out, n_in // 32, 32)
+        exp = torch.ceil(torch.log2(groups.abs().amax(-1) / 6.0)).clamp(-127, 127).to(torch.int64)
+        scaled = groups / (2.0 ** exp[..., None])                     # |scaled| <= 6
+        index = (scaled.abs()[..., None] - magnitudes).abs().argmin(-1)   # nearest magnitude
+        code = index + 8 * (scaled < 0)
+        pairs = code.reshape(E, n_out, n_in // 32, 16, 2)
+        quant[k + "_blocks"] = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+        quant[k + "_scales"] = (exp + 127).to(torch.uint8)
+        # the dequantised weight, from the chosen values (not from the bytes)
+        value = magnitudes[index] * torch.where(scaled < 0, -1.0, 1.0) * 2.0 ** exp[..., None]
+        deq[k] = value.reshape(E, n_out, n_in).transpose(1, 2).contiguous()
+        # transformers' own MXFP4 unpacking agrees with the layout assumed here
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+        assert torch.equal(convert_moe_packed_tensors(quant[k + "_blocks"], quant[k + "_scales"], dtype=torch.float32), deq[k])
+    c = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    for name, state in (("mxfp4", quant), ("deq", deq)):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+        extra = {"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                 "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}} if name == "mxfp4" else {}
+        (tmp_path / name / "config.json").write_text(json.dumps({**c, **extra}))
+    original = load(tmp_path / "fp32", dtype=torch.float32, progress=False)
+    mxfp4 = load(tmp_path / "mxfp4", dtype=torch.float32, progress=False)
+    dequantised = load(tmp_path / "deq", dtype=torch.float32, progress=False)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        lo, lq, ld = original(ids), mxfp4(ids), dequantised(ids)
+    # The loader's MXFP4 unpacking is exact ...
+    assert torch.equal(lq, ld)
+    # ... and the MXFP4 model stays near its float32 original (e2m1 per weight, shared power-of-two scale).
+    rel = ((lo - lq).norm() / lo.norm()).item()
+    assert 0 < rel < 0.3, rel
+    # A scales tensor that does not match its blocks is named.
+    bad = dict(quant)
+    key = next(k for k in bad if k.endswith("_scales"))
+    bad[key] = bad[key][:, :-1].contiguous()
+    save_file(bad, str(tmp_path / "mxfp4" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="not MXFP4 blocks"):
+        load(tmp_path / "mxfp4", progress=False)

@@ -17,24 +17,39 @@ from ..errors import TierlmError
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """cast_last=False (Llama): weight * x.to(dtype); True (gpt-oss): (weight * x).to(dtype)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, cast_last: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.cast_last = cast_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.cast_last:
+            return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
-    """Inverse frequencies (float32) for default, linear and llama3 RoPE scaling."""
+def _rope_kind(scaling: dict | None) -> str | None:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None, device=None,
+                  max_position: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (float32) for default, linear, llama3 and yarn RoPE scaling.
+
+    max_position (config max_position_embeddings) is only read by yarn, as the default of
+    original_max_position_embeddings and, without a factor, of the factor's numerator."""
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = _rope_kind(scaling)
     if kind in (None, "default"):
         return inv
+    if kind == "yarn":
+        return _yarn_inv_freq(dim, theta, scaling, max_position, device)
     if kind == "linear":
         return inv / float(scaling["factor"])
     if kind == "llama3":
@@ -50,11 +65,72 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None, device=None) -> 
     raise TierlmError(f"rope scaling {kind!r} is not supported by this family")
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, dim] for the 'rotate half' convention, computed in float32."""
+def _yarn_factor(scaling: dict, max_position: int | None) -> float:
+    factor = scaling.get("factor")
+    if factor is None:
+        if max_position is None:
+            raise TierlmError("yarn RoPE without 'factor' needs max_position_embeddings")
+        factor = max_position / _yarn_original(scaling, max_position)
+    return float(factor)
+
+
+def _yarn_original(scaling: dict, max_position: int | None) -> float:
+    old = scaling.get("original_max_position_embeddings", max_position)
+    if old is None:
+        raise TierlmError("yarn RoPE needs original_max_position_embeddings")
+    return float(old)
+
+
+def _yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position: int | None, device=None) -> torch.Tensor:
+    """YaRN (arXiv:2309.00071) as transformers computes it: blend interpolated (1/factor) and
+    original frequencies with a linear ramp over the dimensions whose number of rotations
+    within original_max_position_embeddings lies between beta_slow and beta_fast."""
+    factor = _yarn_factor(scaling, max_position)
+    old = _yarn_original(scaling, max_position)
+    fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:        # the dimension that turns `rotations` times in `old` tokens
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    base = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    keep = 1 - ramp                               # weight of the original (extrapolated) frequency
+    return (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
+
+
+def rope_attention_factor(scaling: dict | None, max_position: int | None = None) -> float:
+    """The factor yarn applies to cos/sin (1.0 for every other RoPE type)."""
+    if _rope_kind(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(scaling, max_position)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(factor, m) / mscale(factor, m_all))
+    return mscale(factor)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [T, dim] for the 'rotate half' convention, computed in float32
+    (and scaled there by yarn's attention factor when it is not 1)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 Reads config.json, single or sharded safetensors (with model.safetensors.index.json),
 maps official DeepSeek tensor names, dequantises FP8 block-scaled weights
-(`weight_scale_inv`), and checks every tensor: a missing, unexpected or mis-shaped
-tensor, a truncated file or a config that does not match the tensors is an error that
-names it. Never unpickles anything.
+(`weight_scale_inv`) and MXFP4 weights (gpt-oss `*_blocks` + `*_scales`), and checks
+every tensor: a missing, unexpected or mis-shaped tensor, a truncated file or a config
+that does not match the tensors is an error that names it. Never unpickles anything.
 """
 
 from __future__ import annotations
@@ -92,11 +92,48 @@ def dequantize_fp8(tensors: dict[str, torch.Tensor], block: tuple[int, int], dty
     return out
 
 
+# FP4 (e2m1) values of the 16 codes: bit 3 is the sign, bits 0-2 index the magnitude.
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Replace each `X_blocks` + `X_scales` pair (OCP MX FP4, as in the gpt-oss checkpoints) by `X`.
+
+    X_blocks: uint8 [..., out, G, 16], two FP4 codes per byte, the low nibble first; X_scales:
+    uint8 [..., out, G], one e8m0 exponent (2^(s-127)) per group of 32 values along `in`. The
+    dense weight is [..., out, G*32] and is returned transposed, [..., in, out], the layout of
+    transformers' fused expert tensors (gate_up_proj [E, hidden, 2I], down_proj [E, I, hidden]).
+    """
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in tensors:
+            continue
+        if not name.endswith("_blocks"):
+            out[name] = t
+            continue
+        base = name[: -len("_blocks")]
+        scales = tensors.get(base + "_scales")
+        if scales is None:
+            out[name] = t
+            continue
+        if t.dtype != torch.uint8 or t.ndim < 3 or t.shape[-1] != 16 or tuple(scales.shape) != tuple(t.shape[:-1]):
+            raise CheckpointError(f"{name} {tuple(t.shape)} ({t.dtype}) and {base}_scales {tuple(scales.shape)} are not "
+                                  f"MXFP4 blocks [..., out, G, 16] uint8 with scales [..., out, G]")
+        if base in tensors:
+            raise CheckpointError(f"{base} appears both dense and as MXFP4 blocks")
+        lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+        codes = torch.stack([t & 0x0F, t >> 4], dim=-1).long()              # [..., out, G, 16, 2]
+        values = lut[codes].flatten(-2)                                    # [..., out, G, 32]
+        values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+        out[base] = values.flatten(-2).transpose(-1, -2).contiguous().to(dtype)
+    return out
+
+
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
          strict: bool = True, progress: bool = True) -> torch.nn.Module:
     """Load a checkpoint directory; returns a module with forward(input_ids) -> logits.
 
-    dtype: None keeps the checkpoint's floating dtype (FP8 weights become the config's
+    dtype: None keeps the checkpoint's floating dtype (FP8 and MXFP4 weights become the config's
     torch_dtype); otherwise every floating tensor is cast to it. strict=False tolerates
     unexpected tensors (never missing or mis-shaped ones).
     """
@@ -114,6 +151,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     tensors = read_tensors(checkpoint_files(path), getattr(family, "rename", None), progress)
     if any(n.endswith(".weight_scale_inv") for n in tensors):
         tensors = dequantize_fp8(tensors, spec.quant.block, dtype or base)
+    if any(n.endswith("_blocks") and n[: -len("_blocks")] + "_scales" in tensors for n in tensors):
+        tensors = dequantize_mxfp4(tensors, dtype or base)
     with torch.device("meta"):
         model = family.build(spec, tensors.keys())
     expected = model.state_dict()

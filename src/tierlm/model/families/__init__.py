@@ -17,6 +17,7 @@ from ...errors import TierlmError
 
 MODULES = {
     "llama": "gqa", "mistral": "gqa", "qwen2": "gqa", "qwen3": "gqa", "qwen3_moe": "gqa", "mixtral": "gqa",
+    "gpt_oss": "gqa",
     "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "kimi_k2": "deepseek", "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek", "deepseek_v4": "deepseek_v4",
 }

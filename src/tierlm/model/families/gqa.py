@@ -1,8 +1,10 @@
-"""GQA decoder families: Llama, Mistral, Qwen2, Qwen3 (dense) and Qwen3-MoE, Mixtral (MoE).
+"""GQA decoder families: Llama, Mistral, Qwen2, Qwen3 (dense) and Qwen3-MoE, Mixtral, gpt-oss (MoE).
 
 One pre-norm decoder block: x + attn(norm(x)), then + ffn(norm(.)). Attention is grouped-query
-with optional per-head q/k RMSNorm (Qwen3) and sliding windows; the FFN is SwiGLU or a
-softmax-routed mixture of SwiGLU experts. Tensor names are the Hugging Face ones.
+with optional per-head q/k RMSNorm (Qwen3), sliding windows and learned per-head sink logits
+(gpt-oss); the FFN is SwiGLU or a softmax-routed mixture of SwiGLU experts (gpt-oss: biased
+router, softmax over the top-k logits, fused biased experts with a clamped SwiGLU). Tensor
+names are the Hugging Face ones.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from torch import nn
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..engram import Engram, EngramHashing
-from ..layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLU, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
+
+# rope_theta when the config names none (the config classes' defaults).
+DEFAULT_THETA = {"gpt_oss": 150000.0}
 
 
 def _rope_config(spec: ModelSpec) -> tuple[float, dict | None]:
     cfg = spec.config
     params = cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA.get(spec.family, 10000.0)))
     scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     return float(theta), scaling
 
@@ -44,6 +49,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(g.head_dim, eps)
             self.k_norm = RMSNorm(g.head_dim, eps)
+        # gpt-oss: one learned logit per head that joins each softmax denominator (attends to nothing).
+        self.sinks = nn.Parameter(torch.empty(g.num_heads)) if g.sinks else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Cache | None) -> torch.Tensor:
@@ -66,7 +73,14 @@ class Attention(nn.Module):
             visible &= key_pos[None, :] > positions[:, None] - self.window
         scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
         scores = scores.masked_fill(~visible, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v                            # [B, H, T, Dv]
+        if self.sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(B, -1, T, 1)
+            logits = torch.cat([scores, sink], dim=-1)
+            logits = logits - logits.amax(dim=-1, keepdim=True)
+            probs = torch.softmax(logits, dim=-1)[..., :-1]                # the sink's share is dropped
+        out = probs @ v                                                    # [B, H, T, Dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -102,6 +116,50 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
 
+class GptOssMoE(nn.Module):
+    """gpt-oss: biased router, top-k on the logits then softmax over the k, and all experts in fused
+    tensors as transformers stores them: gate_up_proj [E, hidden, 2I] with gate/up interleaved
+    (even/odd columns), down_proj [E, I, hidden], each with a bias; SwiGLU clamped at swiglu_limit."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        m = spec.moe
+        assert m is not None
+        E, h, inter = m.num_experts, spec.hidden_size, m.expert_intermediate
+        self.top_k = m.top_k
+        self.router = nn.Linear(h, E, bias=True)
+        self.experts = _GptOssExperts(E, h, inter, float(spec.config.get("swiglu_limit", 7.0)),
+                                      float(spec.config.get("swiglu_alpha", 1.702)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        top, chosen = torch.topk(self.router(x), self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, (self.experts(e, x[rows]) * weights[rows, slot, None]).to(x.dtype))
+        return out.reshape(shape)
+
+
+class _GptOssExperts(nn.Module):
+    def __init__(self, experts: int, dim: int, hidden: int, limit: float, alpha: float):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, dim, 2 * hidden))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(experts, 2 * hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.down_proj_bias = nn.Parameter(torch.empty(experts, dim))
+        self.limit, self.alpha = limit, alpha
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        gate = gate_up[..., 0::2].clamp(max=self.limit)
+        up = gate_up[..., 1::2].clamp(-self.limit, self.limit)
+        act = (up + 1) * (gate * torch.sigmoid(self.alpha * gate))
+        return act @ self.down_proj[e] + self.down_proj_bias[e]
+
+
 class _MixtralExpert(nn.Module):
     """Mixtral's expert naming: w1 = gate, w3 = up, w2 = down."""
 
@@ -119,12 +177,15 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec):
         super().__init__()
         eps = spec.config.get("rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(spec.hidden_size, eps)
+        gpt_oss = spec.family == "gpt_oss"
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps, cast_last=gpt_oss)
         self.self_attn = Attention(spec, layer)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps, cast_last=gpt_oss)
         mixtral = spec.family == "mixtral"
-        ffn = SwiGLU(spec.hidden_size, spec.dense_intermediate or 0, spec.mlp_bias) if layer.ffn == "dense" \
-            else MoE(spec, mixtral)
+        if layer.ffn == "dense":
+            ffn = SwiGLU(spec.hidden_size, spec.dense_intermediate or 0, spec.mlp_bias)
+        else:
+            ffn = GptOssMoE(spec) if gpt_oss else MoE(spec, mixtral)
         self.ffn_name = "block_sparse_moe" if mixtral and layer.ffn != "dense" else "mlp"
         setattr(self, self.ffn_name, ffn)
         # Optional Engram (deepseek-ai/Engram): h = h + engram(h, indices) before attention.
@@ -144,7 +205,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, layer) for layer in spec.layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6))
+        self.norm = RMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6), cast_last=spec.family == "gpt_oss")
 
 
 class CausalLM(nn.Module):
@@ -155,6 +216,7 @@ class CausalLM(nn.Module):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.theta, self.scaling = _rope_config(spec)
+        self.rope_factor = rope_attention_factor(self.scaling, spec.max_position)   # yarn's cos/sin scale
         # Engram lookup indices depend on token ids only: computed here, outside the blocks.
         # Replace with EngramHashing.from_spec(spec, lookup_table) to use a tokenizer's compression.
         self.engram_hashing = EngramHashing.from_spec(spec) if spec.engram is not None else None
@@ -164,8 +226,9 @@ class CausalLM(nn.Module):
         T = input_ids.shape[1]
         positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        inv = rope_inv_freq(self.spec.gqa.head_dim, self.theta, self.scaling, device=x.device)
-        cos, sin = rope_cos_sin(positions, inv, x.dtype)
+        inv = rope_inv_freq(self.spec.gqa.head_dim, self.theta, self.scaling, device=x.device,
+                            max_position=self.spec.max_position)
+        cos, sin = rope_cos_sin(positions, inv, x.dtype, self.rope_factor)
         engram = self.engram_hashing.step(input_ids, cache) if self.engram_hashing is not None else None
         for block in self.model.layers:
             x = block(x, positions, cos, sin, cache, engram)
