@@ -52,6 +52,9 @@ CASES = [
      dict(q_lora_rank=24, num_hidden_layers=4, first_k_dense_replace=1, n_group=1, topk_group=1,
           index_topk=6, index_head_dim=16, index_n_heads=16, indexer_types=["full", "shared", "full", "shared"],
           rms_norm_eps=1e-5)),
+    ("glm5-dsa-all-full-group", "GlmMoeDsaForCausalLM", "GlmMoeDsaConfig",
+     dict(q_lora_rank=20, num_hidden_layers=3, first_k_dense_replace=2, n_group=4, topk_group=2,
+          routed_scaling_factor=2.5, index_topk=4, index_head_dim=16, index_n_heads=16, rms_norm_eps=1e-5)),
 ]
 
 T = 16

@@ -49,6 +49,7 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import ModelSpec
 from ..cache import Cache
+from ..layers import SwiGLU
 from ..quant import fake_quant, hadamard
 
 REFERENCES = ("official", "transformers")
@@ -254,19 +255,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (official names w1, w3, w2)."""
-
-    def __init__(self, dim: int, inter_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 # ------------------------------------------------------------------------------ DSA indexer
 class Indexer(nn.Module):
     """Lightning indexer: I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s] * d^-0.5); top-k per query.
@@ -436,9 +424,9 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed))
+        self.experts = nn.ModuleList(SwiGLU(args.dim, args.moe_inter_dim) for _ in range(args.n_routed))
         if args.n_shared:
-            self.shared_experts = MLP(args.dim, args.n_shared * args.moe_inter_dim)
+            self.shared_experts = SwiGLU(args.dim, args.n_shared * args.moe_inter_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -458,7 +446,7 @@ class Block(nn.Module):
     def __init__(self, args: Args, layer: int, moe: bool):
         super().__init__()
         self.self_attn = MLA(args, layer)
-        self.mlp = MoE(args) if moe else MLP(args.dim, args.inter_dim)
+        self.mlp = MoE(args) if moe else SwiGLU(args.dim, args.inter_dim)
         self.input_layernorm = RMSNorm(args, args.dim, args.eps)
         self.post_attention_layernorm = RMSNorm(args, args.dim, args.eps)
 
