@@ -39,17 +39,18 @@ def _rope_kind(scaling: dict | None) -> str | None:
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None, device=None,
-                  max_position: int | None = None) -> torch.Tensor:
-    """Inverse frequencies (float32) for default, linear, llama3 and yarn RoPE scaling.
+                  max_position: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse frequencies for default, linear, llama3 and yarn RoPE scaling, computed in
+    `dtype` (float32, as the references do, unless a family asks for more).
 
     max_position (config max_position_embeddings) is only read by yarn, as the default of
     original_max_position_embeddings and, without a factor, of the factor's numerator."""
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim))
     kind = _rope_kind(scaling)
     if kind in (None, "default"):
         return inv
     if kind == "yarn":
-        return _yarn_inv_freq(dim, theta, scaling, max_position, device)
+        return _yarn_inv_freq(dim, theta, scaling, max_position, device, dtype)
     if kind == "linear":
         return inv / float(scaling["factor"])
     if kind == "llama3":
@@ -81,7 +82,8 @@ def _yarn_original(scaling: dict, max_position: int | None) -> float:
     return float(old)
 
 
-def _yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position: int | None, device=None) -> torch.Tensor:
+def _yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position: int | None, device=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """YaRN (arXiv:2309.00071) as transformers computes it: blend interpolated (1/factor) and
     original frequencies with a linear ramp over the dimensions whose number of rotations
     within original_max_position_embeddings lies between beta_slow and beta_fast."""
@@ -98,8 +100,8 @@ def _yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position: int | No
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
-    base = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device, dtype)
+    base = theta ** (torch.arange(0, dim, 2, device=device).to(dtype) / dim)
     keep = 1 - ramp                               # weight of the original (extrapolated) frequency
     return (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
 

@@ -49,7 +49,7 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import ModelSpec
 from ..cache import Cache
-from ..layers import SwiGLU
+from ..layers import SwiGLU, rope_inv_freq
 from ..quant import fake_quant, hadamard
 
 REFERENCES = ("official", "transformers")
@@ -192,27 +192,8 @@ def make_args(spec: ModelSpec) -> Args:
 # ------------------------------------------------------------------------------ rope
 def inv_freq(args: Args, dtype: torch.dtype) -> torch.Tensor:
     """[R/2] inverse frequencies (YaRN-corrected when configured), as transformers builds them."""
-    dim, base = args.qk_rope, args.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim)
-    if args.rope["rope_type"] != "yarn":
-        return 1.0 / pos_freqs
-    p = args.rope
-    factor = float(p["factor"])
-    original = p.get("original_max_position_embeddings") or args.max_pos
-    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-
-    def corr_dim(rot: float) -> float:
-        return (dim * math.log(original / (rot * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
-    if p.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(dtype)
-    extrapolate = 1 - ramp       # 1: keep the original frequency, 0: interpolate (divide by factor)
-    return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    yarn = args.rope if args.rope["rope_type"] == "yarn" else None
+    return rope_inv_freq(args.qk_rope, args.rope_theta, yarn, max_position=args.max_pos, dtype=dtype)
 
 
 def rope_tables(args: Args, positions: torch.Tensor, dtype: torch.dtype):
