@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tierlm.model import Cache, load  # noqa: E402
 from tierlm.model.families import deepseek  # noqa: E402
 from tierlm.spec.config import parse_config  # noqa: E402
+from fp_grids import e4m3_values  # noqa: E402
 
 COMMON = dict(vocab_size=61, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
@@ -242,19 +243,8 @@ OFFICIAL = ("v32-official", "DeepseekV32ForCausalLM", "DeepseekV32Config",
                  index_topk=5, index_head_dim=128, index_n_heads=16))
 
 
-def _e4m3_grid():
-    vals = {0.0}
-    for e in range(16):
-        for m in range(8):
-            if e == 15 and m == 7:
-                continue                                   # NaN in e4m3fn
-            v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
-            vals |= {v, -v}
-    return torch.tensor(sorted(vals), dtype=torch.float64)
-
-
 def _to_grid(y):
-    grid = _e4m3_grid()
+    grid = e4m3_values()
     return grid[(y.unsqueeze(-1) - grid).abs().argmin(-1)]
 
 

@@ -16,6 +16,7 @@ import tierlm.model as tm  # noqa: E402
 from tierlm.model import Cache  # noqa: E402
 from tierlm.model import quant  # noqa: E402
 from tierlm.model.families import deepseek_v4 as v4  # noqa: E402
+from fp_grids import e4m3_values  # noqa: E402
 
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 
@@ -146,17 +147,6 @@ def test_official_differs_and_pins_qat(case):
     assert (same - tf).abs().max().item() <= 1e-12
 
 
-def _e4m3_values():
-    vals = {0.0}
-    for e in range(16):
-        for m in range(8):
-            if e == 15 and m == 7:
-                continue                           # NaN in e4m3fn
-            v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
-            vals |= {v, -v}
-    return torch.tensor(sorted(vals), dtype=torch.float64)
-
-
 def _nearest(grid, y):
     """Round to the nearest grid value, ties to the one with an even mantissa (even index
     among the non-negative values, which alternate mantissa parity)."""
@@ -175,7 +165,7 @@ def _nearest(grid, y):
 def test_fake_quant_matches_independent_derivation():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 128, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 6, dtype=torch.float64)[:, None]
-    for fmt, block, qmax, grid in (("fp8", 64, 448.0, _e4m3_values()),
+    for fmt, block, qmax, grid in (("fp8", 64, 448.0, e4m3_values()),
                                    ("fp4", 32, 6.0, torch.tensor([-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2,
                                                                    3, 4, 6], dtype=torch.float64))):
         got = quant.fake_quant(x, block, fmt)
