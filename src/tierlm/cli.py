@@ -95,7 +95,7 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in model registry."""
     from .spec.registry import entries
     rows = [{"id": e.id, "aliases": list(e.aliases), "model_type": e.config.get("model_type"),
-             "source": e.source.get("url")} for e in entries().values()]
+             "source": e.source.get("url"), "published": e.published} for e in entries().values()]
     if as_json:
         print(json.dumps(rows, indent=2))
         return

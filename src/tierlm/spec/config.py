@@ -432,7 +432,7 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
     indexer = IndexerConfig(f.int("index_n_heads"), f.int("index_head_dim"), f.int("index_topk"))
     n_mtp = _bounded_mtp(f, "num_nextn_predict_layers")
 
-    ratios = _v4_ratios(f, n + n_mtp)
+    ratios = _v4_ratios(f)
     _check(len(ratios) >= n, f"field 'compress_ratios' has {len(ratios)} entries but "
            f"'num_hidden_layers' is {n}")
     if f.has("mlp_layer_types"):
@@ -466,7 +466,7 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
         quant=_parse_quant(f, "deepseek_v4"), config=f.cfg)
 
 
-def _v4_ratios(f: Fields, wanted: int) -> list[tuple[int, bool]]:
+def _v4_ratios(f: Fields) -> list[tuple[int, bool]]:
     """(compress ratio, is CSA) per layer, from the official `compress_ratios` (0 = window
     only, 4 = CSA, any other ratio = HCA, as in the official code) or transformers'
     `layer_types` + `compress_rates`."""

@@ -15,9 +15,8 @@ from typing import Any
 #   mla      DeepSeek-V2/V3 multi-head latent attention (one latent per token)
 #   dsa      MLA + DSA lightning indexer (DeepSeek-V3.2, GLM-5)
 #   v4       DeepSeek-V4 shared-KV attention: sliding window plus, when compress_ratio > 0,
-#            compressed entries (ratio 4 = CSA with an indexer, 128 = HCA, 0 = window only)
-ATTENTION_KINDS = ("full", "sliding", "mla", "dsa", "v4")
-FFN_KINDS = ("dense", "moe", "hash_moe")
+#            compressed entries (CSA: overlapping, with an indexer; HCA; ratio 0 = window only)
+# FFN kinds: dense | moe | hash_moe (V4: experts picked by a token-id table).
 
 
 @dataclass(frozen=True)
@@ -88,8 +87,8 @@ class EngramConfig:
 @dataclass(frozen=True)
 class LayerSpec:
     index: int
-    attention: str                   # one of ATTENTION_KINDS
-    ffn: str                         # one of FFN_KINDS
+    attention: str                   # full | sliding | mla | dsa | v4
+    ffn: str                         # dense | moe | hash_moe
     window: int | None = None        # sliding / v4 window
     compress_ratio: int = 0          # v4 only: 0 = window only, else tokens per compressed entry
     mtp: bool = False                # a multi-token-prediction (draft) layer
