@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TierlmError
 from ..spec.model import EngramConfig, ModelSpec
 from ..spec.params import _next_prime
 
@@ -90,7 +91,7 @@ def compression_table(decoded: Sequence[str], raw: Sequence[str] | None = None) 
     """
     raw = decoded if raw is None else raw
     if len(raw) != len(decoded):
-        raise ValueError(f"compression_table: {len(decoded)} decoded tokens but {len(raw)} raw ones")
+        raise TierlmError(f"compression_table: {len(decoded)} decoded tokens but {len(raw)} raw ones")
     keys: dict[str, int] = {}
     table = np.empty(len(decoded), dtype=np.int64)
     for i, text in enumerate(decoded):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import TierlmError
+
 QMAX = {"fp8": 448.0, "fp4": 6.0}
 
 
@@ -56,7 +58,8 @@ def fake_quant(x: torch.Tensor, block: int, fmt: str, pow2: bool = True) -> torc
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Sylvester-ordered Walsh-Hadamard transform of the last dim, scaled by d^-1/2."""
     d = x.shape[-1]
-    assert d & (d - 1) == 0, "Hadamard rotation needs a power-of-two dim"
+    if d & (d - 1):
+        raise TierlmError(f"the Hadamard rotation needs a power-of-two dimension, got {d}")
     h = x.reshape(-1, d)
     step = 1
     while step < d:

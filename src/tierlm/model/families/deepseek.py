@@ -504,7 +504,7 @@ class DeepseekForCausalLM(nn.Module):
         "transformers", False for "official") keeps transformers' float32 ops in a float64
         model. A cache filled under one reference should not be continued under the other."""
         if reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {REFERENCES}")
+            raise TierlmError(f"reference must be one of {REFERENCES}")
         self.args.reference = reference
         self.exact_fp32 = reference == "transformers" if exact_fp32 is None else exact_fp32
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..quant import fake_quant, hadamard   # shared with deepseek.py (tests patch these names here)
@@ -511,7 +512,7 @@ class DeepseekV4(nn.Module):
     def __init__(self, spec: ModelSpec, with_mtp: int = 0, reference: str = "official"):
         super().__init__()
         if reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {REFERENCES}")
+            raise TierlmError(f"reference must be one of {REFERENCES}")
         self.reference = reference
         self.exact_fp32 = reference == "transformers"
         self.spec = spec
@@ -528,7 +529,7 @@ class DeepseekV4(nn.Module):
         exact_fp32 (default: True for "transformers") keeps transformers' float32 matmuls
         in a float64 model; see `Mode`."""
         if reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {REFERENCES}")
+            raise TierlmError(f"reference must be one of {REFERENCES}")
         self.reference = reference
         self.exact_fp32 = reference == "transformers" if exact_fp32 is None else exact_fp32
         for name, rope in make_ropes(self.spec, reference).items():
