@@ -19,7 +19,7 @@ MODULES = {
     "llama": "gqa", "mistral": "gqa", "qwen2": "gqa", "qwen3": "gqa", "qwen3_moe": "gqa", "mixtral": "gqa",
     "gpt_oss": "gqa",
     "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "kimi_k2": "deepseek", "deepseek_v32": "deepseek",
-    "glm_moe_dsa": "deepseek", "deepseek_v4": "deepseek_v4",
+    "glm_moe_dsa": "deepseek", "deepseek_v4": "deepseek_v4", "gemma3_text": "gemma3", "minimax_m2": "minimax_m2",
 }
 
 

@@ -1,0 +1,234 @@
+"""MiniMax-M2 (MiniMaxM2ForCausalLM): a pre-norm GQA decoder whose every FFN is a mixture of experts.
+
+What differs from the other GQA families (gqa.py):
+  * q/k RMSNorm over the whole projection ("full": q_norm has num_heads * head_dim weights,
+    k_norm num_kv_heads * head_dim), applied before the heads are split;
+  * partial RoPE: only the first int(head_dim * partial_rotary_factor) dimensions of each head
+    rotate (rotate-half convention), the rest pass through. The factor is read as transformers
+    5.23 reads it: rope_parameters.partial_rotary_factor, else a top-level partial_rotary_factor,
+    else the released checkpoints' legacy rotary_dim / head_dim; rope_theta defaults to 5e6;
+  * a sigmoid router: scores = sigmoid(logits) in float32; the top-k experts are chosen on
+    scores + e_score_correction_bias (selection only), their weights are the unbiased scores
+    renormalised to sum to one (no extra scaling factor);
+  * experts named as checkpoints store them: block_sparse_moe.experts.N.{w1 (gate), w3 (up),
+    w2 (down)}.weight, which is also what transformers' save_pretrained writes. A checkpoint in
+    transformers' fused runtime layout (mlp.experts.gate_up_proj [E, 2I, h] = [w1; w3],
+    mlp.experts.down_proj [E, h, I]) is recognised from its tensor names and built that way.
+
+Multi-token-prediction modules (num_mtp_modules) are not built: transformers does not instantiate
+them either, so this model is the next-token model only; a checkpoint that carries MTP tensors
+needs strict=False in `tierlm.model.load`. Attention is full (causal) in every layer, as in
+transformers, which has no sliding window for this family.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import TierlmError
+from ...spec.model import LayerSpec, ModelSpec
+from ..cache import Cache
+from ..layers import RMSNorm, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
+
+DEFAULT_THETA = 5000000.0      # MiniMaxM2Config.default_theta
+
+
+def rope_config(spec: ModelSpec) -> tuple[float, dict | None, int]:
+    """(theta, scaling or None, rotary dim fed to the inverse-frequency formula)."""
+    cfg = spec.config
+    head_dim = spec.gqa.head_dim
+    # transformers: a rope_scaling entry replaces rope_parameters; missing keys come from the top level.
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA)))
+    factor = params.get("partial_rotary_factor")
+    if factor is None:
+        factor = cfg.get("partial_rotary_factor")
+    if factor is None and cfg.get("rotary_dim") is not None:
+        factor = cfg["rotary_dim"] / head_dim
+    factor = 1.0 if factor is None else float(factor)
+    if not 0 < factor <= 1:
+        raise TierlmError(f"minimax_m2: partial rotary factor must be in (0, 1], got {factor}")
+    dim = int(head_dim * factor)
+    if dim < 2:
+        raise TierlmError(f"minimax_m2: rotary dimension {dim} (head_dim {head_dim} x {factor}) is too small")
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = params if kind != "default" else None
+    return theta, scaling, dim
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: LayerSpec):
+        super().__init__()
+        g = spec.gqa
+        assert g is not None
+        h, eps = spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6)
+        self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
+        self.index = layer.index
+        self.q_proj = nn.Linear(h, g.num_heads * g.head_dim, bias=g.qkv_bias)
+        self.k_proj = nn.Linear(h, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
+        self.v_proj = nn.Linear(h, g.num_kv_heads * g.v_head_dim, bias=g.qkv_bias)
+        self.o_proj = nn.Linear(g.num_heads * g.v_head_dim, h, bias=g.o_bias)
+        self.qk_norm = g.qk_norm
+        if g.qk_norm == "full":            # one norm across all heads (qk_norm_type "per_layer")
+            self.q_norm = RMSNorm(g.num_heads * g.head_dim, eps)
+            self.k_norm = RMSNorm(g.num_kv_heads * g.head_dim, eps)
+        elif g.qk_norm == "head":          # per-head norm (not produced by transformers' class)
+            self.q_norm = RMSNorm(g.head_dim, eps)
+            self.k_norm = RMSNorm(g.head_dim, eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Cache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, -1)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, D]
+        rot = cos.shape[-1]                                                # partial RoPE: first `rot` dims
+        q = torch.cat([apply_rope(q[..., :rot], cos, sin), q[..., rot:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :rot], cos, sin), k[..., rot:]], dim=-1)
+        if cache is not None:
+            k = cache.append(self.index, "k", k, dim=2)
+            v = cache.append(self.index, "v", v, dim=2)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        key_pos = torch.arange(k.shape[2], device=x.device)
+        visible = key_pos[None, :] <= positions[:, None]
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out = probs @ v                                                    # [B, H, T, Dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Expert(nn.Module):
+    """w1 = gate, w3 = up, w2 = down (the checkpoints' names)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class FusedExperts(nn.Module):
+    """transformers' runtime layout: gate_up_proj [E, 2I, h] (gate rows then up rows), down_proj [E, h, I]."""
+
+    def __init__(self, experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(experts, dim, hidden))
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, spec: ModelSpec, fused: bool):
+        super().__init__()
+        m = spec.moe
+        assert m is not None
+        E, h, inter = m.num_experts, spec.hidden_size, m.expert_intermediate
+        self.top_k = m.top_k
+        self.gate = nn.Linear(h, E, bias=False)
+        self.fused = fused
+        if fused:
+            self.experts = FusedExperts(E, h, inter)
+        else:
+            self.experts = nn.ModuleList(Expert(h, inter) for _ in range(E))
+        if m.router_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(E))
+        else:
+            self.e_score_correction_bias = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, h] -> (weights [N, k] float32, chosen [N, k])."""
+        scores = torch.sigmoid(self.gate(x).float())
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        chosen = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, chosen)
+        return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts(e, x[rows]) if self.fused else self.experts[e](x[rows])
+            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(x.dtype))
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: LayerSpec, fused: bool):
+        super().__init__()
+        eps = spec.config.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.self_attn = Attention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.ffn_name = "mlp" if fused else "block_sparse_moe"
+        setattr(self, self.ffn_name, SparseMoE(spec, fused))
+
+    def forward(self, x, positions, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache)
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: ModelSpec, fused: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, layer, fused) for layer in spec.layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, fused: bool = False):
+        super().__init__()
+        self.spec = spec
+        self.model = Decoder(spec, fused)
+        if not spec.tie_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.theta, self.scaling, self.rotary_dim = rope_config(spec)
+        self.rope_factor = rope_attention_factor(self.scaling, spec.max_position)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        T = input_ids.shape[1]
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        inv = rope_inv_freq(self.rotary_dim, self.theta, self.scaling, device=x.device,
+                            max_position=self.spec.max_position)
+        cos, sin = rope_cos_sin(positions, inv, x.dtype, self.rope_factor)
+        for block in self.model.layers:
+            x = block(x, positions, cos, sin, cache)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.length += T
+        head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
+        return F.linear(x, head)
+
+
+def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:
+    if spec.gqa is None or spec.moe is None:
+        raise TierlmError("minimax_m2 needs attention (gqa) and MoE settings in its spec")
+    scoring = spec.config.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise TierlmError(f"minimax_m2: scoring_func {scoring!r} is not supported (only 'sigmoid')")
+    if any(layer.ffn != "moe" for layer in spec.layers):
+        raise TierlmError("minimax_m2: every layer is expected to be a MoE layer")
+    fused = any(".mlp.experts.gate_up_proj" in n for n in checkpoint_names)
+    return CausalLM(spec, fused)
