@@ -18,7 +18,7 @@ from torch import nn
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..engram import Engram, EngramHashing
-from ..layers import RMSNorm, SwiGLU, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
 
 # rope_theta when the config names none (the config classes' defaults).
 DEFAULT_THETA = {"gpt_oss": 150000.0}
@@ -95,7 +95,7 @@ class MoE(nn.Module):
         self.normalize = True if mixtral else bool(spec.config.get("norm_topk_prob", False))
         self.gate = nn.Linear(spec.hidden_size, m.num_experts, bias=False)
         if mixtral:
-            self.experts = nn.ModuleList(_MixtralExpert(spec.hidden_size, m.expert_intermediate)
+            self.experts = nn.ModuleList(SwiGLUW(spec.hidden_size, m.expert_intermediate)
                                          for _ in range(m.num_experts))
         else:
             self.experts = nn.ModuleList(SwiGLU(spec.hidden_size, m.expert_intermediate)
@@ -158,19 +158,6 @@ class _GptOssExperts(nn.Module):
         up = gate_up[..., 1::2].clamp(-self.limit, self.limit)
         act = (up + 1) * (gate * torch.sigmoid(self.alpha * gate))
         return act @ self.down_proj[e] + self.down_proj_bias[e]
-
-
-class _MixtralExpert(nn.Module):
-    """Mixtral's expert naming: w1 = gate, w3 = up, w2 = down."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

@@ -32,7 +32,7 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
-from ..layers import RMSNorm, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLUW, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
 
 DEFAULT_THETA = 5000000.0      # MiniMaxM2Config.default_theta
 
@@ -108,19 +108,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-class Expert(nn.Module):
-    """w1 = gate, w3 = up, w2 = down (the checkpoints' names)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class FusedExperts(nn.Module):
     """transformers' runtime layout: gate_up_proj [E, 2I, h] (gate rows then up rows), down_proj [E, h, I]."""
 
@@ -146,7 +133,7 @@ class SparseMoE(nn.Module):
         if fused:
             self.experts = FusedExperts(E, h, inter)
         else:
-            self.experts = nn.ModuleList(Expert(h, inter) for _ in range(E))
+            self.experts = nn.ModuleList(SwiGLUW(h, inter) for _ in range(E))
         if m.router_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(E))
         else:
