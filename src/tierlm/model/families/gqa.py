@@ -32,6 +32,14 @@ def _rope_config(spec: ModelSpec) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first cos.shape[-1] dims (all of them unless the rotary dim is partial)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec):
         super().__init__()
@@ -45,23 +53,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
         self.v_proj = nn.Linear(h, g.num_kv_heads * g.v_head_dim, bias=g.qkv_bias)
         self.o_proj = nn.Linear(g.num_heads * g.v_head_dim, h, bias=g.o_bias)
-        self.qk_norm = g.qk_norm == "head"
-        if self.qk_norm:
+        self.qk_norm = g.qk_norm
+        if g.qk_norm == "head":            # per-head q/k norm (Qwen3, Gemma 3)
             self.q_norm = RMSNorm(g.head_dim, eps)
             self.k_norm = RMSNorm(g.head_dim, eps)
+        elif g.qk_norm == "full":          # one norm across all heads (MiniMax-M2)
+            self.q_norm = RMSNorm(g.num_heads * g.head_dim, eps)
+            self.k_norm = RMSNorm(g.num_kv_heads * g.head_dim, eps)
         # gpt-oss: one learned logit per head that joins each softmax denominator (attends to nothing).
         self.sinks = nn.Parameter(torch.empty(g.num_heads)) if g.sinks else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, -1)
-        if self.qk_norm:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, -1)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if cache is not None:
             k = cache.append(self.index, "k", k, dim=2)
             v = cache.append(self.index, "v", v, dim=2)

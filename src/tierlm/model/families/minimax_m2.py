@@ -32,7 +32,8 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
-from ..layers import RMSNorm, SwiGLUW, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLUW, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from .gqa import Attention
 
 DEFAULT_THETA = 5000000.0      # MiniMaxM2Config.default_theta
 
@@ -58,54 +59,6 @@ def rope_config(spec: ModelSpec) -> tuple[float, dict | None, int]:
     kind = params.get("rope_type", params.get("type", "default"))
     scaling = params if kind != "default" else None
     return theta, scaling, dim
-
-
-class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: LayerSpec):
-        super().__init__()
-        g = spec.gqa
-        assert g is not None
-        h, eps = spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6)
-        self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
-        self.index = layer.index
-        self.q_proj = nn.Linear(h, g.num_heads * g.head_dim, bias=g.qkv_bias)
-        self.k_proj = nn.Linear(h, g.num_kv_heads * g.head_dim, bias=g.qkv_bias)
-        self.v_proj = nn.Linear(h, g.num_kv_heads * g.v_head_dim, bias=g.qkv_bias)
-        self.o_proj = nn.Linear(g.num_heads * g.v_head_dim, h, bias=g.o_bias)
-        self.qk_norm = g.qk_norm
-        if g.qk_norm == "full":            # one norm across all heads (qk_norm_type "per_layer")
-            self.q_norm = RMSNorm(g.num_heads * g.head_dim, eps)
-            self.k_norm = RMSNorm(g.num_kv_heads * g.head_dim, eps)
-        elif g.qk_norm == "head":          # per-head norm (not produced by transformers' class)
-            self.q_norm = RMSNorm(g.head_dim, eps)
-            self.k_norm = RMSNorm(g.head_dim, eps)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Cache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.heads, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
-        v = v.view(B, T, self.kv_heads, -1)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, D]
-        rot = cos.shape[-1]                                                # partial RoPE: first `rot` dims
-        q = torch.cat([apply_rope(q[..., :rot], cos, sin), q[..., rot:]], dim=-1)
-        k = torch.cat([apply_rope(k[..., :rot], cos, sin), k[..., rot:]], dim=-1)
-        if cache is not None:
-            k = cache.append(self.index, "k", k, dim=2)
-            v = cache.append(self.index, "v", v, dim=2)
-        rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        key_pos = torch.arange(k.shape[2], device=x.device)
-        visible = key_pos[None, :] <= positions[:, None]
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        out = probs @ v                                                    # [B, H, T, Dv]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FusedExperts(nn.Module):
