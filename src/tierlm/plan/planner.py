@@ -124,7 +124,7 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
     b = budget(hw, o.gpu_util)
     placed = place(items, b)
     on_device = fits_device(items, b)
-    anywhere = fits_anywhere(items, b)
+    anywhere = all(row["unplaced"] == 0 for row in placed.values())
     ex.append(("placement", f"device budget = {hw.device_memory:,} B x gpu_util {o.gpu_util} = {b.device:,} B per device; "
                f"host {b.host:,} B; disk {b.disk:,} B per device; items per device: "
                + ", ".join(f"{k} {v:,} B" for k, v in items.items())))
