@@ -2,6 +2,7 @@
 training on a toy task, and incremental decoding inside a Llama-style model."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,9 +126,11 @@ def test_indices_deterministic_in_bounds_and_primes_distinct():
     c = h1(ids2)
     assert all(torch.equal(c[layer][:, :30], a[layer][:, :30]) for layer in s.engram.layer_ids)
     # Incremental hashing with the left context equals the full-sequence hashing.
-    cache, parts = Cache(), []
+    parts = []
     for lo, hi in [(0, 1), (1, 2), (2, 9), (9, 10), (10, 40)]:
-        parts.append(h1.step(ids[:, lo:hi], cache))
+        before = ids[:, max(0, lo - h1.context):lo]           # the history a step carries, -1 padded
+        history = torch.cat([before.new_full((ids.shape[0], h1.context - before.shape[1]), -1), before], dim=1)
+        parts.append(h1.step(ids[:, lo:hi], SimpleNamespace(history=history)))
     for layer in s.engram.layer_ids:
         assert torch.equal(torch.cat([p[layer] for p in parts], dim=1), a[layer])
 

@@ -45,7 +45,7 @@ def plan(
     mtp: bool = typer.Option(False, "--mtp", help="Include MTP / draft layers (cache and weights)."),
     hardware: str = typer.Option("h200", "--hardware", help="Catalog name (see `tierlm hardware`) or a JSON file."),
     devices: Optional[int] = typer.Option(None, "--devices", "--tp", help="Devices (tensor/expert parallel). Default: fewest that fit, up to one node."),
-    layout: str = typer.Option("ideal", "--layout", help="ideal | vllm | sglang"),
+    layout: str = typer.Option("ideal", "--layout", help="ideal | vllm | sglang | tierlm (the engine's own pools)"),
     weight_dtype: List[str] = typer.Option([], "--weight-dtype", help="COMPONENT=DTYPE or DTYPE for all, repeatable."),
     gpu_util: float = typer.Option(0.9, "--gpu-util", help="Fraction of device memory tierlm may plan for."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON."),

@@ -1,26 +1,56 @@
-"""A simple contiguous cache for incremental decoding.
+"""A contiguous cache for incremental decoding: the identity-table case of the paged contract.
 
-Each attention layer keeps whatever it needs (K/V, MLA latents, V4 windows, compressor
-state, indexer keys) under its layer index; `length` counts the tokens already seen. The
-paged pools of the runtime will replace this object behind the same calls.
+Row b of the batch is one sequence whose logical block i lives in physical block
+b * capacity + i of every group, so `model(ids, cache)` runs exactly the code the engine
+runs over its pools, only without freeing or sharing blocks. Pools grow (and are copied)
+when a call goes past the capacity; the cache dtype is the model's own.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..spec.cache import block_size
+from .ops import Step
+
 
 class Cache:
     def __init__(self) -> None:
         self.length = 0
-        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.pools = None
+        self.capacity = 0       # blocks per row
+        self.ids: torch.Tensor | None = None    # [B, length] tokens seen (for families that read history)
 
-    def layer(self, index: int) -> dict[str, torch.Tensor]:
-        return self.layers.setdefault(index, {})
+    def advance(self, input_ids: torch.Tensor) -> None:
+        """Count input_ids [B, T] as cached (call after the forward that stored them)."""
+        self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids], dim=1)
+        self.length += input_ids.shape[1]
 
-    def append(self, index: int, name: str, value: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Concatenate `value` to the stored tensor along `dim` (the token axis) and return the result."""
-        store = self.layer(index)
-        old = store.get(name)
-        store[name] = value if old is None else torch.cat([old, value], dim=dim)
-        return store[name]
+    def step(self, model, input_ids: torch.Tensor, dtype: torch.dtype) -> Step:
+        """The step context for input_ids [B, T] appended to every row."""
+        from ..runtime.pools import CachePools   # runtime builds on model; import late
+
+        b, t = input_ids.shape
+        device = input_ids.device
+        spec = model.spec
+        block = block_size(spec)
+        need = -(-(self.length + t) // block)
+        if self.pools is None or need > self.capacity:
+            cap = max(need, 2 * self.capacity)
+            groups = CachePools.block_bytes(spec, model.cache_layers(), block, dtype, "auto", "auto")
+            pools = CachePools(spec, model.cache_layers(), {g: b * cap for g in groups}, block, dtype, device=device)
+            if self.pools is not None:
+                for key, old in self.pools.pages.items():
+                    per = old.shape[0] // b
+                    pools.pages[key].view(b, cap, *old.shape[1:])[:, :per] = old.view(b, per, *old.shape[1:])
+            self.pools, self.capacity = pools, cap
+        table = torch.arange(b * self.capacity, device=device).view(b, self.capacity)
+        positions = (self.length + torch.arange(t, device=device)).expand(b, t)
+        c = getattr(model, "history", 0)
+        history = None
+        if c:
+            seen = self.ids[:, -c:] if self.ids is not None else input_ids.new_empty(b, 0)
+            history = torch.cat([seen.new_full((b, c - seen.shape[1]), -1), seen], dim=1)
+        return Step(positions=positions, valid=torch.ones(b, t, dtype=torch.bool, device=device),
+                    starts=torch.full((b,), self.length, device=device), lens=torch.full((b,), t, device=device),
+                    views=self.pools.views({g: table for g in self.pools.groups}), history=history)

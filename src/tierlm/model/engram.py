@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import TierlmError
 from ..spec.model import EngramConfig, ModelSpec
 from ..spec.params import _next_prime
+from .ops import gather, store
 
 PRIME_1 = 10007                 # layer stride of the hashing seed, as in the demo
 _SENTINEL = "\ue000"
@@ -203,18 +204,13 @@ class EngramHashing:
         start = ids.shape[1] - input_ids.shape[1]
         return {layer: self.hash_compressed(x, layer)[:, start:] for layer in self.cfg.layer_ids}
 
-    def step(self, input_ids: torch.Tensor, cache: Any = None) -> dict[int, torch.Tensor]:
-        """As __call__, taking (and updating) the left context kept in a `Cache`: the last
-        max_ngram_size - 1 tokens, stored with the first Engram layer's entries."""
-        if cache is None:
+    def step(self, input_ids: torch.Tensor, step: Any = None) -> dict[int, torch.Tensor]:
+        """As __call__, with the left context a step carries (`Step.history`, the tokens just
+        before input_ids, -1 where the sequence had none: those read as padding)."""
+        if step is None or step.history is None:
             return self(input_ids)
-        store = cache.layer(self.cfg.layer_ids[0])
-        context = store.get("engram_context")
-        out = self(input_ids, context)
-        if self.context > 0:
-            seen = input_ids if context is None else torch.cat([context.to(input_ids.device), input_ids], dim=1)
-            store["engram_context"] = seen[:, -self.context:]
-        return out
+        history = step.history[:, step.history.shape[1] - self.context:] if self.context else step.history[:, :0]
+        return self(input_ids, torch.where(history < 0, self.cfg.pad_id, history))
 
 
 # ---------------------------------------------------------------------------- 3. module
@@ -248,15 +244,19 @@ class ShortConv(nn.Module):
                               padding=self.past, dilation=dilation)
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult))
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Any = None, layer_id: int = 0) -> torch.Tensor:
+        """x [B, T, G, C]; with a step, the normalised inputs are stored in (and the past ones
+        read from) the layer's `engram_conv` cache stream; without, the past is zeros."""
         B, T, G, C = x.shape
         xn = torch.cat([self.norms[i](x[:, :, i]) for i in range(G)], dim=-1)     # [B, T, G*C]
-        past = state.get("engram_conv") if state is not None else None
-        if past is None:
+        if step is None or self.past == 0:
             past = xn.new_zeros(B, self.past, G * C)
+        else:
+            view = step.view(layer_id, "engram_conv")
+            store(view, step.new_index(), xn)
+            idx = step.starts.unsqueeze(1) - self.past + torch.arange(self.past, device=xn.device)
+            past = gather(view, torch.where(idx >= 0, idx, -1)).to(xn.dtype)     # zeros before the start
         full = torch.cat([past, xn], dim=1)
-        if state is not None and self.past > 0:
-            state["engram_conv"] = full[:, -self.past:]
         y = F.conv1d(full.transpose(1, 2), self.conv.weight, groups=G * C, dilation=self.dilation)
         return F.silu(y).transpose(1, 2).reshape(B, T, G, C)
 
@@ -285,7 +285,7 @@ class Engram(nn.Module):
         assert spec.engram is not None
         return cls(spec.engram, layer_id, spec.hidden_size, spec.hc_mult)
 
-    def forward(self, hidden: torch.Tensor, indices: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, indices: torch.Tensor, step: Any = None) -> torch.Tensor:
         single = hidden.dim() == 3
         if single:
             hidden = hidden.unsqueeze(2)
@@ -298,5 +298,5 @@ class Engram(nn.Module):
             g = g.abs().clamp_min(1e-6).sqrt() * g.sign()
             gates.append(g.sigmoid())
         value = torch.stack(gates, dim=2)[..., None] * self.value_proj(e)[:, :, None]   # [B, T, hc, D]
-        out = value + self.short_conv(value, state)
+        out = value + self.short_conv(value, step, self.layer_id)
         return out.squeeze(2) if single else out

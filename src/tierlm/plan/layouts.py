@@ -9,10 +9,10 @@ sliding-window reservation. Sources for each record size are in docs/planner.md.
 from __future__ import annotations
 
 from ..errors import TierlmError
-from ..spec.cache import CacheStream
+from ..spec.cache import CacheStream, entries_per_page, held_pages
 from ..spec.model import LayerSpec
 
-LAYOUTS = ("ideal", "vllm", "sglang")
+LAYOUTS = ("ideal", "vllm", "sglang", "tierlm")
 CACHE_DTYPES = ("bf16", "fp8", "fp4")
 BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "fp4": 4, "int4": 4, "int32": 32}
 
@@ -29,6 +29,8 @@ def record_bits(stream: CacheStream, width: int, dtype: str, layout: str, attent
         return width * 32                       # compressor buffers are fp32 in every layout
     if layout == "ideal":
         return width * BITS[dtype]
+    if layout == "tierlm":
+        return 8 * tierlm_record_bytes(stream, width, dtype)
     if layout == "sglang" and attention == "v4":
         raise TierlmError("layout 'sglang' has no documented DeepSeek-V4 record; use --layout ideal or vllm")
     if stream.role == "indexer":
@@ -38,6 +40,19 @@ def record_bits(stream: CacheStream, width: int, dtype: str, layout: str, attent
     if dtype == "fp4":                          # NVFP4: 4-bit values + one fp8 scale per 16
         return width * 4 + 8 * (-(-width // 16))
     return width * BITS[dtype]
+
+
+def tierlm_record_bytes(stream: CacheStream, width: int, dtype: str) -> int:
+    """Bytes of one entry in tierlm's pools. fp8: e4m3 values plus one fp32 scale per 128 of
+    the quantised (non-rope) channels, the rope channels kept in bf16; other dtypes: plain."""
+    if stream.role == "state":
+        return 4 * width
+    if dtype == "fp8":
+        nope = width - stream.rope
+        return nope + 4 * (-(-nope // 128)) + 2 * stream.rope
+    if dtype == "fp4":
+        raise TierlmError("layout 'tierlm' stores KV as bf16 or fp8 (or the model's own float dtype), not fp4")
+    return width * BITS[dtype] // 8
 
 
 def _indexer_record_bytes(d: int, dtype: str) -> int:
@@ -64,8 +79,11 @@ def _latent_record_bytes(nope: int, rope: int, dtype: str, layout: str, attentio
 
 
 def stored_entries(stream: CacheStream, layer: LayerSpec, tokens: int, layout: str,
-                   max_num_batched_tokens: int = VLLM_MAX_NUM_BATCHED_TOKENS) -> int:
-    """Entries one sequence of `tokens` tokens occupies under a layout."""
+                   max_num_batched_tokens: int = VLLM_MAX_NUM_BATCHED_TOKENS, block: int = 0) -> int:
+    """Entries one sequence of `tokens` tokens occupies under a layout (`block`: tierlm's
+    block size, `tierlm.spec.cache.block_size`)."""
+    if layout == "tierlm":
+        return held_pages(stream, tokens, block) * entries_per_page(stream, block)
     n = stream.entries(tokens)
     if layout == "ideal" or stream.per == "fixed":
         return n

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from ..errors import TierlmError
-from ..spec.cache import CacheStream, layer_cache_streams
+from ..spec.cache import CacheStream, block_size, layer_cache_streams
 from ..spec.model import LayerSpec, ModelSpec
 from ..spec.params import COMPONENTS, ParamGroup, param_groups
 from .layouts import BITS, CACHE_DTYPES, LAYOUTS, record_bits, stored_entries
@@ -50,10 +50,11 @@ def layer_cache_bytes(spec: ModelSpec, layer: LayerSpec, tokens: int, batch: int
                       indexer_dtype: str, layout: str = "ideal", tp: int = 1) -> LayerCache:
     """Bytes one layer stores for `batch` sequences of `tokens` tokens on one TP rank."""
     sums = {"kv": 0, "indexer": 0, "state": 0}
+    block = block_size(spec) if layout == "tierlm" else 0
     for s in layer_cache_streams(spec, layer):
         dtype = _dtype_for(s, kv_dtype, indexer_dtype)
         bits = record_bits(s, s.width_per_rank(tp), dtype, layout, layer.attention)
-        entries = stored_entries(s, layer, tokens, layout)
+        entries = stored_entries(s, layer, tokens, layout, block=block)
         sums[s.role] += -(-bits * entries // 8)
     return LayerCache(layer.index, layer.attention, layer.compress_ratio, layer.mtp,
                       sums["kv"] * batch, sums["indexer"] * batch, sums["state"] * batch)

@@ -8,6 +8,7 @@ overheads and block rounding on top.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .model import LayerSpec, ModelSpec
@@ -42,6 +43,16 @@ class CacheStream:
 
 
 def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream, ...]:
+    e = spec.engram
+    if e is not None and layer.index in e.layer_ids and not layer.mtp:
+        # Engram's short conv reads the last (kernel - 1) * dilation normalised inputs of all streams.
+        conv = CacheStream("engram_conv", "state", spec.hc_mult * spec.hidden_size, "window",
+                           window=(e.kernel_size - 1) * e.max_ngram_size)
+        return _attention_streams(spec, layer) + (conv,)
+    return _attention_streams(spec, layer)
+
+
+def _attention_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream, ...]:
     kind = layer.attention
     if kind in ("full", "sliding"):
         g = spec.gqa
@@ -73,3 +84,46 @@ def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream,
         streams.append(CacheStream("indexer", "indexer", d, "token", ratio=r))
         streams.append(CacheStream("indexer_compressor_state", "state", 2 * 2 * d, "fixed", fixed_entries=2 * r))
     return tuple(streams)
+
+
+# ----------------------------------------------------------------------------- paged layout
+# How tierlm's engine pages these streams (the planner's `--layout tierlm` calls the same
+# functions). Every stream is paged by logical token blocks of `block_size` positions, a
+# multiple of every compression ratio, so one prefix-hash block names one page per stream:
+#   per token  a page holds block_size // ratio entries; every block of the sequence is held;
+#   window     a page holds block_size positions; blocks wholly older than the window are freed;
+#   fixed      (V4 compressor buffers) kept per position like a window of `fixed_entries`
+#              positions, so prefix hits and speculative rollback need no separate snapshot.
+MIN_BLOCK = 16
+
+
+def block_size(spec: ModelSpec) -> int:
+    """Default engine block size: the smallest multiple of 16 and every compression ratio."""
+    size = MIN_BLOCK
+    for layer in spec.all_layers(True):
+        if layer.compress_ratio:
+            size = math.lcm(size, layer.compress_ratio)
+    return size
+
+
+def window_of(stream: CacheStream) -> int:
+    """Positions a windowed stream must keep (0: the stream keeps every block)."""
+    if stream.per == "window":
+        return stream.window
+    if stream.per == "fixed":
+        return stream.fixed_entries
+    return 0
+
+
+def entries_per_page(stream: CacheStream, block: int) -> int:
+    return block // stream.ratio if stream.per == "token" else block
+
+
+def first_held_block(window: int, tokens: int, block: int) -> int:
+    """Oldest logical block a sequence of `tokens` tokens still needs under `window` (0: all)."""
+    return max(0, tokens - window) // block if window else 0
+
+
+def held_pages(stream: CacheStream, tokens: int, block: int) -> int:
+    """Pages the engine holds for one sequence of `tokens` tokens."""
+    return -(-tokens // block) - first_held_block(window_of(stream), tokens, block)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
+from ..ops import Step, gather, store
 from ..engram import Engram, EngramHashing
 from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
 
@@ -64,7 +65,8 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(g.num_heads)) if g.sinks else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Cache | None) -> torch.Tensor:
+                step: Step) -> torch.Tensor:
+        """x [B, T, D]; positions [B, T]; cos/sin [B, T, rot]."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -74,19 +76,25 @@ class Attention(nn.Module):
         v = v.view(B, T, self.kv_heads, -1)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, D]
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        if cache is not None:
-            k = cache.append(self.index, "k", k, dim=2)
-            v = cache.append(self.index, "v", v, dim=2)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)                      # [B, T, H, D]
+        kview, vview = step.view(self.index, "k"), step.view(self.index, "v")
+        new = step.new_index()
+        store(kview, new, k.flatten(2))
+        store(vview, new, v.flatten(2))
+        keys = step.key_index(self.window or 0)                            # [B, S] positions
+        k = gather(kview, keys).view(B, -1, self.kv_heads, self.head_dim)
+        v = gather(vview, keys).view(B, -1, self.kv_heads, v.shape[-1])
         rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        key_pos = torch.arange(k.shape[2], device=x.device)
-        visible = key_pos[None, :] <= positions[:, None]
+        q = q.transpose(1, 2)                                              # [B, H, T, D]
+        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        kp, qp = keys[:, None, :], positions[:, :, None]
+        visible = (kp >= 0) & (kp <= qp)                                   # [B, T, S]
         if self.window is not None:
-            visible &= key_pos[None, :] > positions[:, None] - self.window
+            visible &= kp > qp - self.window
         scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
         if self.sinks is None:
             probs = torch.softmax(scores, dim=-1)
         else:
@@ -193,11 +201,10 @@ class Block(nn.Module):
         e = spec.engram
         self.engram = Engram.from_spec(spec, layer.index) if e is not None and layer.index in e.layer_ids else None
 
-    def forward(self, x, positions, cos, sin, cache, engram_indices=None):
+    def forward(self, x, positions, cos, sin, step: Step, engram_indices=None):
         if self.engram is not None:
-            state = cache.layer(self.engram.layer_id) if cache is not None else None
-            x = x + self.engram(x, engram_indices[self.engram.layer_id], state)
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache)
+            x = x + self.engram(x, engram_indices[self.engram.layer_id], step)
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, step)
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
@@ -221,23 +228,35 @@ class CausalLM(nn.Module):
         # Engram lookup indices depend on token ids only: computed here, outside the blocks.
         # Replace with EngramHashing.from_spec(spec, lookup_table) to use a tokenizer's compression.
         self.engram_hashing = EngramHashing.from_spec(spec) if spec.engram is not None else None
+        self.history = self.engram_hashing.context if self.engram_hashing is not None else 0   # tokens of left context read
+
+    def cache_layers(self) -> tuple[LayerSpec, ...]:
+        """The layers whose cache streams the pools hold."""
+        return self.spec.layers
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        """logits [B, T, V] of input_ids [B, T] appended to `cache` (none: a fresh sequence)."""
+        cache = Cache() if cache is None else cache
+        step = cache.step(self, input_ids, self.model.embed_tokens.weight.dtype)
+        h = self.hidden(input_ids, step)
+        cache.advance(input_ids)
+        return self.logits(h)
+
+    def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """Final hidden states [B, T, D] of input_ids [B, T] over the step's cache views."""
         x = self.model.embed_tokens(input_ids)
         inv = rope_inv_freq(self.spec.gqa.head_dim, self.theta, self.scaling, device=x.device,
                             max_position=self.spec.max_position)
-        cos, sin = rope_cos_sin(positions, inv, x.dtype, self.rope_factor)
-        engram = self.engram_hashing.step(input_ids, cache) if self.engram_hashing is not None else None
+        cos, sin = rope_cos_sin(step.positions.reshape(-1), inv, x.dtype, self.rope_factor)
+        cos, sin = cos.view(*step.positions.shape, -1), sin.view(*step.positions.shape, -1)
+        engram = self.engram_hashing.step(input_ids, step) if self.engram_hashing is not None else None
         for block in self.model.layers:
-            x = block(x, positions, cos, sin, cache, engram)
-        x = self.model.norm(x)
-        if cache is not None:
-            cache.length += T
+            x = block(x, step.positions, cos, sin, step, engram)
+        return self.model.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return F.linear(x, head)
+        return F.linear(h, head)
 
 
 def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:

@@ -1,0 +1,131 @@
+"""The cache contract: how an attention layer reads and writes paged cache memory.
+
+A step runs B sequences, sequence b bringing `lens[b]` new tokens after `starts[b]` cached
+ones; tokens are laid out [B, T] (T = max new tokens, shorter rows padded). Each layer gets
+one `StreamView` per `CacheStream` of `tierlm.spec.cache` (the planner's names): the
+stream's pages, the step's block table for the stream's group and how entries map onto
+pages. Every attention kind then does the same three things: compute its new entries and
+`store` them at their logical index; compute the logical indices each query may see (causal
+range, window, `pos // ratio`, indexer top-k); `gather` those entries and attend.
+
+Logical entry i of a stream with ratio r lives in logical page i // (block // r) of the
+sequence, whose physical page is `table[b, page]` (-1: not held). Storing before reading
+means the chunk's own entries come from the same pages as everything else, so a float64
+model run through the pages is the same arithmetic as one run without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..spec.cache import CacheStream
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_BLOCK = 128          # channels per fp32 scale in an fp8 record
+
+
+@dataclass
+class StreamView:
+    stream: CacheStream
+    pages: torch.Tensor    # [n_pages, per_page, record]: entries in `storage` dtype, or uint8 fp8 records
+    table: torch.Tensor    # [B, max_pages] int64: physical page of each logical page, -1 = not held
+    per_page: int          # entries per page: block // ratio (window-like streams: block)
+    dtype: torch.dtype     # dtype entries are returned in (the model's compute dtype)
+    fp8: bool = False
+
+    def slots(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """index [B, ...] logical entries -> (flat slots, held mask), same shape."""
+        b = index.shape[0]
+        flat = index.reshape(b, -1)
+        page = (flat.clamp(min=0) // self.per_page).clamp(max=self.table.shape[1] - 1)
+        phys = self.table.gather(1, page)
+        ok = (flat >= 0) & (phys >= 0)
+        slot = phys.clamp(min=0) * self.per_page + flat.clamp(min=0) % self.per_page
+        return slot.view(index.shape), ok.view(index.shape)
+
+
+def store(view: StreamView, index: torch.Tensor, x: torch.Tensor) -> None:
+    """Write x [B, ..., width] at logical entries index [B, ...] (-1: skip)."""
+    slot, ok = view.slots(index)
+    flat = view.pages.view(-1, view.pages.shape[-1])
+    flat[slot[ok]] = encode(view, x[ok])
+
+
+def gather(view: StreamView, index: torch.Tensor) -> torch.Tensor:
+    """Entries at logical index [B, ...] -> [B, ..., width]; entries not held read as 0."""
+    slot, ok = view.slots(index)
+    flat = view.pages.view(-1, view.pages.shape[-1])
+    out = decode(view, flat[slot.reshape(-1)]).view(*index.shape, -1)
+    return out.masked_fill(~ok.unsqueeze(-1), 0)
+
+
+def encode(view: StreamView, x: torch.Tensor) -> torch.Tensor:
+    """x [M, width] -> records [M, record] in the pool's storage format."""
+    if not view.fp8:
+        return x.to(view.pages.dtype)
+    rope = view.stream.rope
+    nope = x[:, :x.shape[1] - rope].float()
+    m, n = nope.shape
+    nb = -(-n // SCALE_BLOCK)
+    blocks = torch.nn.functional.pad(nope, (0, nb * SCALE_BLOCK - n)).view(m, nb, SCALE_BLOCK)
+    scale = (blocks.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)                       # [M, nb]
+    q = (blocks / scale.unsqueeze(-1)).to(FP8).view(m, -1)[:, :n]
+    parts = [q.view(torch.uint8), scale.contiguous().view(torch.uint8)]
+    if rope:
+        parts.append(x[:, n:].to(torch.bfloat16).contiguous().view(torch.uint8))
+    return torch.cat(parts, dim=1)
+
+
+def decode(view: StreamView, rec: torch.Tensor) -> torch.Tensor:
+    """records [M, record] -> entries [M, width] in the compute dtype."""
+    if not view.fp8:
+        return rec.to(view.dtype)
+    width, rope = view.stream.width, view.stream.rope
+    n = width - rope
+    nb = -(-n // SCALE_BLOCK)
+    m = rec.shape[0]
+    q = rec[:, :n].contiguous().view(FP8).float()
+    scale = rec[:, n:n + 4 * nb].contiguous().view(torch.float32)
+    q = torch.nn.functional.pad(q, (0, nb * SCALE_BLOCK - n)).view(m, nb, SCALE_BLOCK) * scale.unsqueeze(-1)
+    out = [q.view(m, -1)[:, :n]]
+    if rope:
+        out.append(rec[:, n + 4 * nb:].contiguous().view(torch.bfloat16).float())
+    return torch.cat(out, dim=1).to(view.dtype)
+
+
+@dataclass
+class Step:
+    """One forward step of a ragged batch over paged caches."""
+    positions: torch.Tensor                    # [B, T] position of each new token (padding: the row's first)
+    valid: torch.Tensor                        # [B, T] False on padding
+    starts: torch.Tensor                       # [B] tokens cached before the step
+    lens: torch.Tensor                         # [B] new tokens
+    views: dict[int, dict[str, StreamView]]    # layer index -> stream name -> view
+    history: torch.Tensor | None = None        # [B, c] tokens just before the step, -1 where none (Engram)
+
+    def view(self, layer: int, name: str) -> StreamView:
+        return self.views[layer][name]
+
+    @property
+    def ends(self) -> torch.Tensor:
+        return self.starts + self.lens
+
+    def new_index(self, ratio: int = 1) -> torch.Tensor:
+        """[B, T] logical index of the entry each new token completes (ratio r: one entry per
+        r tokens, made by the token at position r*i + r - 1), -1 where it completes none."""
+        if ratio == 1:
+            return torch.where(self.valid, self.positions, -1)
+        done = self.valid & ((self.positions + 1) % ratio == 0)
+        return torch.where(done, (self.positions + 1) // ratio - 1, -1)
+
+    def key_index(self, window: int = 0) -> torch.Tensor:
+        """[B, S] logical positions the step's queries may need: all cached and new ones, or
+        with a window only from the first query's window start. -1 past a row's end."""
+        ends = self.ends
+        lo = (self.starts - window + 1).clamp(min=0) if window else torch.zeros_like(self.starts)
+        s = int((ends - lo).max())
+        idx = lo.unsqueeze(1) + torch.arange(s, device=lo.device)
+        return torch.where(idx < ends.unsqueeze(1), idx, -1)

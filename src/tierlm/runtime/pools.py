@@ -1,0 +1,99 @@
+"""Paged cache pools allocated from the model's `CacheStream`s.
+
+Streams fall into groups by how long they are kept (`tierlm.spec.cache.window_of`): group 0
+holds per-token streams (every block of a sequence), group W > 0 holds streams whose blocks
+are freed once they are wholly older than W positions (sliding windows, V4 compressor
+buffers). Each group has its own block ids and one page tensor per (layer, stream), so one
+block id of a group names the same token range in all of that group's pages.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import TierlmError
+from ..model.ops import StreamView
+from ..plan.layouts import tierlm_record_bytes
+from ..spec.cache import CacheStream, entries_per_page, layer_cache_streams, window_of
+from ..spec.model import LayerSpec, ModelSpec
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+KV_DTYPES = ("auto", "bf16", "fp8")
+
+
+def resolve_kv_dtype(kv_dtype: str | None, dtype: torch.dtype) -> str:
+    """'auto' / None -> the model's own dtype name; bf16 and fp8 as given."""
+    if kv_dtype in (None, "auto"):
+        if dtype not in DTYPE_NAMES:
+            raise TierlmError(f"no cache dtype for model dtype {dtype}")
+        return DTYPE_NAMES[dtype]
+    if kv_dtype not in KV_DTYPES:
+        raise TierlmError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+def stream_dtype(s: CacheStream, kv: str, ix: str, dtype: torch.dtype) -> str:
+    """Storage dtype of a stream: state in float32 (float64 for a float64 model, whose parity
+    tests would otherwise measure the state's rounding), indexer keys and KV as configured."""
+    if s.role == "state":
+        return "fp64" if dtype == torch.float64 else "fp32"
+    return ix if s.role == "indexer" else kv
+
+
+class CachePools:
+    """One page tensor per (layer, stream): [blocks of its group, entries per page, record]."""
+
+    def __init__(self, spec: ModelSpec, layers: Sequence[LayerSpec], blocks: dict[int, int], block: int,
+                 dtype: torch.dtype, kv_dtype: str = "auto", indexer_dtype: str = "auto", device="cpu"):
+        self.block, self.dtype = block, dtype
+        self.kv_dtype, self.indexer_dtype = resolve_kv_dtype(kv_dtype, dtype), resolve_kv_dtype(indexer_dtype, dtype)
+        self.streams = {l.index: layer_cache_streams(spec, l) for l in layers}
+        for streams in self.streams.values():
+            for s in streams:
+                if s.per == "token" and block % s.ratio:
+                    raise TierlmError(f"block size {block} is not a multiple of compression ratio {s.ratio}")
+        self.groups = sorted({window_of(s) for ss in self.streams.values() for s in ss})
+        missing = [g for g in self.groups if g not in blocks]
+        if missing:
+            raise TierlmError(f"no block count for cache group(s) {missing}")
+        self.blocks = {g: blocks[g] for g in self.groups}
+        self.pages: dict[tuple[int, str], torch.Tensor] = {}
+        for li, streams in self.streams.items():
+            for s in streams:
+                name = self.dtype_name(s)
+                shape = (self.blocks[window_of(s)], entries_per_page(s, block))
+                if name == "fp8":
+                    t = torch.zeros(*shape, tierlm_record_bytes(s, s.width, "fp8"), dtype=torch.uint8, device=device)
+                else:
+                    t = torch.zeros(*shape, s.width, dtype=TORCH_DTYPES[name], device=device)
+                self.pages[li, s.name] = t
+
+    def dtype_name(self, s: CacheStream) -> str:
+        return stream_dtype(s, self.kv_dtype, self.indexer_dtype, self.dtype)
+
+    @staticmethod
+    def block_bytes(spec: ModelSpec, layers: Sequence[LayerSpec], block: int, dtype: torch.dtype,
+                    kv_dtype: str, indexer_dtype: str) -> dict[int, int]:
+        """Bytes one block of each group takes across all layers (without allocating)."""
+        kv, ix = resolve_kv_dtype(kv_dtype, dtype), resolve_kv_dtype(indexer_dtype, dtype)
+        out: dict[int, int] = {}
+        for l in layers:
+            for s in layer_cache_streams(spec, l):
+                name = stream_dtype(s, kv, ix, dtype)
+                g = window_of(s)
+                out[g] = out.get(g, 0) + entries_per_page(s, block) * tierlm_record_bytes(s, s.width, name)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pages.values())
+
+    def views(self, tables: dict[int, torch.Tensor]) -> dict[int, dict[str, StreamView]]:
+        """Views of every stream for one step, given each group's block table [B, max_pages]."""
+        return {li: {s.name: StreamView(s, self.pages[li, s.name], tables[window_of(s)],
+                                        entries_per_page(s, self.block), self.dtype,
+                                        self.dtype_name(s) == "fp8")
+                     for s in streams}
+                for li, streams in self.streams.items()}
