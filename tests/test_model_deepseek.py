@@ -285,7 +285,8 @@ def test_official_indexer_caches_fp8_keys(official_model, scale_fmt):
     finally:
         hook.remove()
         ours.args.index_scale_fmt = None
-    cached = cache.layer(layer)["index_k"]                         # [B, T, 128]
+    pages = cache.pools.pages[layer, "indexer"]                    # row b holds blocks b * capacity...
+    cached = pages.view(2, -1, pages.shape[-1])[:, :cache.length]  # [B, T, 128]
     assert cached.shape == (2, T, 128) and cached.dtype == torch.float64
     rotated = k @ _sylvester(128).T
     amax = rotated.abs().amax(-1, keepdim=True).clamp(min=1e-4)

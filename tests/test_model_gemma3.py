@@ -1,5 +1,6 @@
 """Gemma 3 text decoder (gemma3_text) against transformers==5.23.0 Gemma3ForCausalLM in float64,
-plus incremental decoding with windowed caches and the multimodal wrapper config."""
+plus incremental decoding that reads only within the sliding windows, ragged paged batches and
+the multimodal wrapper config."""
 
 import pytest
 import torch
@@ -73,18 +74,53 @@ def test_parity_and_incremental(name, tmp_path):
         got = ours(ids)
         assert (got - want).abs().max().item() <= 1e-9
         assert want.abs().max().item() > 0.5            # not a degenerate comparison
-        # prefill longer than the window, then one token at a time
+        # prefill longer than the window, then one token at a time; before every step, what the
+        # engine may free (sliding entries older than the step's first window) is NaN
         cache = Cache()
-        steps = [ours(ids[:, :6], cache)] + [ours(ids[:, t:t + 1], cache) for t in range(6, 14)]
+        steps = [ours(ids[:, :6], cache)]
+        for t in range(6, 14):
+            poison_outside_windows(ours, cache)
+            steps.append(ours(ids[:, t:t + 1], cache))
         assert (torch.cat(steps, dim=1) - got).abs().max().item() <= 1e-9
         assert cache.length == 14
-        for i, kind in enumerate(ref.config.layer_types):   # sliding layers keep window - 1 keys
-            want_len = ref.config.sliding_window - 1 if kind == S else 14
-            assert cache.layers[i]["k"].shape[2] == cache.layers[i]["v"].shape[2] == want_len
         # uneven chunks, some shorter and some longer than the window
         cache = Cache()
-        chunks = [ours(ids[:, a:b], cache) for a, b in ((0, 2), (2, 3), (3, 10), (10, 14))]
+        chunks = []
+        for a, b in ((0, 2), (2, 3), (3, 10), (10, 14)):
+            poison_outside_windows(ours, cache)
+            chunks.append(ours(ids[:, a:b], cache))
         assert (torch.cat(chunks, dim=1) - got).abs().max().item() <= 1e-9
+
+
+def poison_outside_windows(model, cache):
+    """NaN every sliding-layer k/v entry a query after `cache.length` cannot see (positions up to
+    length - window): a layer that read one, even masked, would turn its output into NaN. Rows of
+    the contiguous Cache hold their positions in order (row b, position p: entry b * capacity *
+    block + p)."""
+    if cache.pools is None:
+        return
+    for layer in model.spec.layers:
+        if layer.attention != "sliding":
+            continue
+        old = max(0, cache.length - layer.window + 1)
+        for name in ("k", "v"):
+            pages = cache.pools.pages[layer.index, name]               # [B * capacity, block, width]
+            rows = pages.view(-1, cache.capacity * pages.shape[1], pages.shape[2])
+            rows[:, :old] = float("nan")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_ragged_paged_batch(name, tmp_path):
+    """Rows of different lengths (all longer than the windows) in one step, blocks scattered over
+    the pools: each row equals transformers on that row alone."""
+    from paged import ragged_logits
+    ref, path = make(name, tmp_path)
+    ours = load(path, dtype=torch.float64, progress=False)
+    seqs = [list(range(3, 40)), [5, 9, 11, 2, 8, 1, 7], list(range(50, 70))]
+    outs = ragged_logits(ours, seqs, [[5, 20, 21, 22, 37], [1, 2, 7], [20]])
+    with torch.no_grad():
+        for s, got in zip(seqs, outs):
+            assert (got - ref(torch.tensor([s])).logits[0]).abs().max().item() <= 1e-9
 
 
 def _tiny_wrapper(text: dict) -> dict:

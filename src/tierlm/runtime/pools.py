@@ -30,7 +30,7 @@ def resolve_kv_dtype(kv_dtype: str | None, dtype: torch.dtype) -> str:
         if dtype not in DTYPE_NAMES:
             raise TierlmError(f"no cache dtype for model dtype {dtype}")
         return DTYPE_NAMES[dtype]
-    if kv_dtype not in KV_DTYPES:
+    if kv_dtype not in KV_DTYPES and kv_dtype not in TORCH_DTYPES:
         raise TierlmError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     return kv_dtype
 
@@ -85,6 +85,13 @@ class CachePools:
                 name = stream_dtype(s, kv, ix, dtype)
                 g = window_of(s)
                 out[g] = out.get(g, 0) + entries_per_page(s, block) * tierlm_record_bytes(s, s.width, name)
+        return out
+
+    def bytes_per_block(self) -> dict[int, int]:
+        out = dict.fromkeys(self.groups, 0)
+        for (li, name), t in self.pages.items():
+            g = next(window_of(s) for s in self.streams[li] if s.name == name)
+            out[g] += t[0].numel() * t.element_size()
         return out
 
     def nbytes(self) -> int:

@@ -4,8 +4,9 @@ One readable file in the style of DeepSeek's `inference/model.py`; tensors are l
 [batch, tokens, heads, dim] ("bshd") and every state_dict name is the Hugging Face
 checkpoint name (`rename` maps the official DeepSeek names onto them).
 
-Shapes: B batch, T new tokens, S visible tokens (cache + new), H heads, D model dim,
-C kv_lora_rank (the MLA latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
+Shapes: B batch, T new tokens, S visible tokens (cache + new), K entries selected by the DSA
+indexer, H heads, D model dim, C kv_lora_rank (the MLA latent), R qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim.
 
 Reference. `model.set_reference("official" | "transformers", exact_fp32=None)` picks the
 behaviour where DeepSeek's official inference code and transformers differ in a way that is
@@ -31,15 +32,25 @@ the official reference) computes those ops
 in max(dtype, float32) instead (identical to `True` for bf16/fp16/fp32 models), which
 makes a float64 model exact to ~1e-15 between prefill+decode and the full forward.
 
-`absorb = True` selects the absorbed (latent-space, MQA-style) MLA path; the default is the
-naive path that decompresses K/V. Both read the same cache (latent + rotated k_pe).
+Cache. Every layer runs over the paged cache contract (`tierlm.model.ops`): it `store`s its
+new entry [normalised c_kv | rotated k_pe] in its `latent` stream (DSA layers with their own
+indexer also the indexer key in `indexer`) and `gather`s what its queries may see, with
+per-row positions, so the cache-less forward, `Cache` decoding and the engine's ragged steps
+run the same code. Dense MLA gathers every visible entry once per row [B,S]; DSA gathers
+only each query's top-k entries [B,T,K] (GLM-5 IndexShare layers reuse the previous layer's
+top-k positions). MTP blocks cache under their own layer index.
+
+`absorb` selects the MLA path: True the absorbed (latent-space, MQA-style) one, False the
+naive one that decompresses K/V, None (the default) absorbed for decode steps (one token per
+row) and for DSA layers (decompressing K latents per query costs more than absorbing), naive
+for dense-MLA prefill. Both read the same cache.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -47,9 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TierlmError
-from ...spec.model import ModelSpec
+from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..layers import SwiGLU, rope_inv_freq
+from ..ops import Step, gather, store
 from ..quant import fake_quant, hadamard
 
 REFERENCES = ("official", "transformers")
@@ -96,7 +108,7 @@ class Args:
     indexer_types: tuple[str, ...] = ()
     index_scale_fmt: str | None = None   # official `scale_fmt` (ue8m0): power-of-two FP8 scales
     # runtime switches, shared by every module of one model
-    absorb: bool = False
+    absorb: bool | None = None       # None: absorbed for decode steps and DSA layers (module docstring)
     exact_fp32: bool = True
     reference: str = "transformers"
     dense_layers: frozenset = field(default_factory=frozenset)
@@ -163,8 +175,8 @@ def make_args(spec: ModelSpec) -> Args:
         raise TierlmError(f"scoring_func {score!r} is not supported (softmax or sigmoid)")
     n = spec.num_layers
     idx = spec.indexer
-    # Which DSA layers reuse the previous top-k (GLM-5.x IndexShare) comes from the spec.
-    types = tuple("shared" if l.shared_indexer else "full" for l in spec.layers) if idx else ()
+    # Which DSA layers (MTP blocks included) reuse the previous top-k (GLM-5.x IndexShare) comes from the spec.
+    types = tuple("shared" if l.shared_indexer else "full" for l in spec.all_layers(True)) if idx else ()
     # official configs carry `scale_fmt` at the top level, HF ones in quantization_config
     scale_fmt = cfg.get("scale_fmt") or (cfg.get("quantization_config") or {}).get("scale_fmt")
     reference = "official" if family == "deepseek_v32" else "transformers"
@@ -197,9 +209,9 @@ def inv_freq(args: Args, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rope_tables(args: Args, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin [T, R/2] in `dtype` (V3 family), or complex freqs [T, R/2] (V2)."""
+    """positions [B, T] -> cos/sin [B, T, R/2] in `dtype` (V3 family), or complex freqs [B, T, R/2] (V2)."""
     up = args.up(dtype)
-    freqs = positions.to(up)[:, None] * inv_freq(args, up).to(positions.device)[None, :]
+    freqs = positions.to(up).unsqueeze(-1) * inv_freq(args, up).to(positions.device)
     if args.rope_style == "complex":
         return torch.polar(torch.ones_like(freqs), freqs) * args.rope_factor
     return (freqs.cos() * args.rope_factor).to(dtype), (freqs.sin() * args.rope_factor).to(dtype)
@@ -212,8 +224,8 @@ def apply_rope(x: torch.Tensor, rope, style: str) -> torch.Tensor:
     ever taken, and those do not depend on the order of the dimensions."""
     if style == "complex":
         xc = torch.view_as_complex(x.to(rope.real.dtype).reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * rope[:, None, :]).flatten(-2).to(x.dtype)
-    cos, sin = rope[0][:, None, :], rope[1][:, None, :]
+        return torch.view_as_real(xc * rope.unsqueeze(-2)).flatten(-2).to(x.dtype)
+    cos, sin = rope[0].unsqueeze(-2), rope[1].unsqueeze(-2)
     if style == "interleave":
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
@@ -236,6 +248,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def visible(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """keys [B, S] logical positions (-1: none), positions [B, T] -> causal mask [B, T, S]."""
+    kp, qp = keys.unsqueeze(1), positions.unsqueeze(2)
+    return (kp >= 0) & (kp <= qp)
+
+
 # ------------------------------------------------------------------------------ DSA indexer
 class Indexer(nn.Module):
     """Lightning indexer: I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s] * d^-0.5); top-k per query.
@@ -256,9 +274,9 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(d, eps=1e-6)
         self.weights_proj = nn.Linear(args.dim, h, bias=False)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, rope, visible: torch.Tensor,
-                cache: Cache | None, layer: int) -> torch.Tensor:
-        """x [B,T,D], qr [B,T,q_lora]; visible [T,S] causal mask -> selected [B,T,S] (bool)."""
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, rope, step: Step, layer: int) -> torch.Tensor:
+        """x [B,T,D], qr [B,T,q_lora] -> top-k [B,T,K]: the logical positions of the visible
+        entries each query attends to, ascending, -1 where fewer than K are visible."""
         a = self.args
         B, T, _ = x.shape
         R, style = a.qk_rope, "interleave" if a.index_interleave else "half"
@@ -271,8 +289,10 @@ class Indexer(nn.Module):
         up = a.up(x.dtype)
         if a.official_indexer:
             q, k = self._quant(q, up), self._quant(k, up)
-        if cache is not None:
-            k = cache.append(layer, "index_k", k)                                        # [B,S,d]
+        view = step.view(layer, "indexer")
+        store(view, step.new_index(), k)
+        keys = step.key_index()                                                          # [B,S]
+        k = gather(view, keys)                                                           # [B,S,d]
         scores = torch.matmul(q.to(up), k.transpose(-1, -2).to(up).unsqueeze(1))        # [B,T,h,S]
         if a.official_indexer:   # the d^-0.5 score scale is folded into the head weights
             scores = F.relu(scores)
@@ -281,10 +301,10 @@ class Indexer(nn.Module):
             scores = F.relu(scores * a.index_dim ** -0.5)
             w = self.weights_proj(x).to(up) * a.index_heads ** -0.5                      # [B,T,h]
         index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2)                        # [B,T,S]
-        index = index.masked_fill(~visible, float("-inf"))
-        top = index.topk(min(a.index_topk, index.shape[-1]), dim=-1).indices
-        selected = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
-        return selected & visible
+        index = index.masked_fill(~visible(keys, step.positions), float("-inf"))
+        best, col = index.topk(min(a.index_topk, index.shape[-1]), dim=-1)              # [B,T,K]
+        top = torch.take_along_dim(keys.unsqueeze(1), col, dim=-1)
+        return torch.where(best > float("-inf"), top, -1).sort(dim=-1).values
 
     def _quant(self, v: torch.Tensor, up: torch.dtype) -> torch.Tensor:
         """Official `rotate_activation` then `act_quant` round trip: the Hadamard transform is
@@ -317,9 +337,10 @@ class MLA(nn.Module):
         if self.has_indexer:
             self.indexer = Indexer(args)
 
-    def forward(self, x: torch.Tensor, rope, visible: torch.Tensor, cache: Cache | None,
-                selected: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B,T,D]; visible [T,S] causal mask. Returns (out [B,T,D], DSA selection [B,T,S])."""
+    def forward(self, x: torch.Tensor, rope, step: Step,
+                top: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B,T,D]; top: the previous DSA layer's top-k [B,T,K] (for IndexShare layers).
+        Returns (out [B,T,D], this layer's top-k or the one it reused)."""
         a = self.args
         B, T, _ = x.shape
         H, N, R, V, C = a.n_heads, a.qk_nope, a.qk_rope, a.v_head, a.kv_lora_rank
@@ -332,35 +353,39 @@ class MLA(nn.Module):
         q = q.view(B, T, H, N + R)
         q_nope, q_pe = q[..., :N], apply_rope(q[..., N:], rope, a.rope_style)
         kv = self.kv_a_proj_with_mqa(x)
-        latent = self.kv_a_layernorm(kv[..., :C])                                      # [B,T,C]
         k_pe = apply_rope(kv[..., C:].unsqueeze(2), rope, a.rope_style).squeeze(2)     # [B,T,R]
-        if cache is not None:                                                          # cache = latent + k_pe
-            latent = cache.append(self.layer, "kv", latent)                            # [B,S,C]
-            k_pe = cache.append(self.layer, "pe", k_pe)                                # [B,S,R]
-        S = latent.shape[1]
-        mask = visible.expand(B, T, S)
-        if a.index_heads:
+        view = step.view(self.layer, "latent")
+        store(view, step.new_index(), torch.cat([self.kv_a_layernorm(kv[..., :C]), k_pe], dim=-1))
+        sparse = bool(a.index_heads)
+        if sparse:     # each query reads only its own top-k entries
             if self.has_indexer:
-                selected = self.indexer(x, qr, rope, visible, cache, self.layer)
-            assert selected is not None, "a shared DSA layer needs a previous indexer layer"
-            mask = mask & selected
+                top = self.indexer(x, qr, rope, step, self.layer)
+            assert top is not None, "a shared DSA layer needs a previous indexer layer"
+            entries, mask = gather(view, top), top >= 0                                # [B,T,K,C+R], [B,T,K]
+            ks = "btk"
+        else:          # every query of a row reads the row's visible entries
+            keys = step.key_index()                                                    # [B,S]
+            entries, mask = gather(view, keys), visible(keys, step.positions)          # [B,S,C+R], [B,T,S]
+            ks = "bk"
+        latent, k_pe = entries[..., :C], entries[..., C:]
+        absorb = a.absorb if a.absorb is not None else sparse or T == 1
         wkv_b = self.kv_b_proj.weight.view(H, N + V, C)
-        if a.absorb:   # MQA over the latent: fold W_UK into q and W_UV into the output
+        if absorb:     # MQA over the latent: fold W_UK into q and W_UV into the output
             q_lat = torch.einsum("bthn,hnc->bthc", q_nope, wkv_b[:, :N])
-            scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)
-                      + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * a.softmax_scale
+            scores = (torch.einsum(f"bthc,{ks}c->bhtk", q_lat, latent)
+                      + torch.einsum(f"bthr,{ks}r->bhtk", q_pe, k_pe)) * a.softmax_scale
         else:          # decompress K/V for every head
-            kv_full = F.linear(latent, self.kv_b_proj.weight).view(B, S, H, N + V)
-            k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(2).expand(B, S, H, R)], dim=-1)
-            scores = torch.einsum("bthd,bshd->bhts", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
+            kv_full = F.linear(latent, self.kv_b_proj.weight).unflatten(-1, (H, N + V))   # [B,(T,)S|K,H,N+V]
+            k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], H, R)], dim=-1)
+            scores = torch.einsum(f"bthd,{ks}hd->bhtk", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=a.up(x.dtype)).to(x.dtype)                # [B,H,T,S]
-        if a.absorb:
-            o = torch.einsum("bhts,bsc->bthc", probs, latent)
+        probs = scores.softmax(dim=-1, dtype=a.up(x.dtype)).to(x.dtype)                # [B,H,T,S|K]
+        if absorb:
+            o = torch.einsum(f"bhtk,{ks}c->bthc", probs, latent)
             o = torch.einsum("bthc,hvc->bthv", o, wkv_b[:, N:])
         else:
-            o = torch.einsum("bhts,bshv->bthv", probs, kv_full[..., N:])
-        return self.o_proj(o.reshape(B, T, H * V)), selected
+            o = torch.einsum(f"bhtk,{ks}hv->bthv", probs, kv_full[..., N:])
+        return self.o_proj(o.reshape(B, T, H * V)), top
 
 
 # ------------------------------------------------------------------------------ MoE
@@ -431,11 +456,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args, args.dim, args.eps)
         self.post_attention_layernorm = RMSNorm(args, args.dim, args.eps)
 
-    def forward(self, x, rope, visible, cache, selected):
-        h, selected = self.self_attn(self.input_layernorm(x), rope, visible, cache, selected)
+    def forward(self, x, rope, step: Step, top):
+        h, top = self.self_attn(self.input_layernorm(x), rope, step, top)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, selected
+        return x, top
 
 
 class SharedHead(nn.Module):
@@ -470,21 +495,23 @@ class Model(nn.Module):
 
 
 class DeepseekForCausalLM(nn.Module):
-    def __init__(self, args: Args, mtp: list[tuple[bool, bool]] = ()):
+    def __init__(self, spec: ModelSpec, mtp: list[tuple[bool, bool]] = ()):
+        """mtp: (own embedding, own head) of each MTP block the checkpoint holds."""
         super().__init__()
-        self.args = args
+        self.spec = spec
+        self.args = args = make_args(spec)
         self.model = Model(args, list(mtp))
         if not args.tie:
             self.lm_head = nn.Linear(args.dim, args.vocab, bias=False)
 
     # runtime switches (see the module docstring)
     @property
-    def absorb(self) -> bool:
+    def absorb(self) -> bool | None:
         return self.args.absorb
 
     @absorb.setter
-    def absorb(self, value: bool) -> None:
-        self.args.absorb = bool(value)
+    def absorb(self, value: bool | None) -> None:
+        self.args.absorb = None if value is None else bool(value)
 
     @property
     def exact_fp32(self) -> bool:
@@ -515,35 +542,38 @@ class DeepseekForCausalLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.args.tie else self.lm_head.weight
 
-    def _run(self, blocks, x: torch.Tensor, start: int, cache: Cache | None) -> torch.Tensor:
-        T = x.shape[1]
-        positions = torch.arange(start, start + T, device=x.device)                   # queries
-        keys = torch.arange(start + T, device=x.device) if cache is not None else positions
-        visible = keys[None, :] <= positions[:, None]                                  # [T,S] causal
-        rope = rope_tables(self.args, positions, x.dtype)
-        selected = None
+    def cache_layers(self) -> tuple[LayerSpec, ...]:
+        """The layers whose cache streams the pools hold: the decoder's and the loaded MTP blocks'."""
+        return self.spec.layers + self.spec.mtp_layers[: self.num_mtp_layers]
+
+    def _run(self, blocks, x: torch.Tensor, step: Step) -> torch.Tensor:
+        rope = rope_tables(self.args, step.positions, x.dtype)
+        top = None
         for block in blocks:
-            x, selected = block(x, rope, visible, cache, selected)
+            x, top = block(x, rope, step, top)
         return x
 
-    def hidden(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """Last hidden states before the final norm [B,T,D]; advances cache.length by T."""
-        start = cache.length if cache is not None else 0
+    def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """Last hidden states [B,T,D] of input_ids [B,T] over the step's cache views, before the
+        final norm (the MTP blocks read them there; `logits` applies it)."""
         x = self.model.embed_tokens(input_ids)
-        x = self._run(self.model.layers[: self.args.n_layers], x, start, cache)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        return x
+        return self._run(self.model.layers[: self.args.n_layers], x, step)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.model.norm(h), self.head_weight())
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids [B,T] -> logits [B,T,vocab]; positions continue from cache.length."""
-        x = self.hidden(input_ids, cache)
-        return F.linear(self.model.norm(x), self.head_weight())
+        """logits [B,T,V] of input_ids [B,T] appended to `cache` (none: a fresh sequence)."""
+        cache = Cache() if cache is None else cache
+        step = cache.step(self, input_ids, self.model.embed_tokens.weight.dtype)
+        h = self.hidden(input_ids, step)
+        cache.advance(input_ids)
+        return self.logits(h)
 
-    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
-              start: int = 0, cache: Cache | None = None) -> torch.Tensor:
-        """MTP draft logits [B,T,vocab]: from the main model's hidden state h_i (before the final
-        norm) at positions start.. and the next token t_{i+1}, predict t_{i+2}."""
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step, depth: int = 0) -> torch.Tensor:
+        """MTP draft logits [B,T,V]: from the main model's hidden states h_i [B,T,D] (before the
+        final norm) at the step's positions and the next tokens t_{i+1} [B,T], predict t_{i+2}.
+        The MTP block stores and reads its latents under its own layer index in `step`."""
         if depth >= self.num_mtp_layers:
             raise TierlmError("this checkpoint has no MTP layer "
                               f"model.layers.{self.args.n_layers + depth}.*")
@@ -551,28 +581,31 @@ class DeepseekForCausalLM(nn.Module):
         embed = blk.embed_tokens if hasattr(blk, "embed_tokens") else self.model.embed_tokens
         e = blk.enorm(embed(next_ids))
         x = blk.eh_proj(torch.cat([e, blk.hnorm(hidden)], dim=-1))
-        x = self._run([blk], x, start, cache)
+        x = self._run([blk], x, step)
         head = blk.shared_head.head.weight if hasattr(blk.shared_head, "head") else self.head_weight()
         return F.linear(blk.shared_head.norm(x), head)
 
     def forward_with_draft(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B,T,V], draft logits [B,T-1,V]) for a full sequence (teacher forcing)."""
-        h = self.hidden(input_ids)
-        logits = F.linear(self.model.norm(h), self.head_weight())
-        return logits, self.draft(h[:, :-1], input_ids[:, 1:])
+        T = input_ids.shape[1]
+        step = Cache().step(self, input_ids, self.model.embed_tokens.weight.dtype)
+        h = self.hidden(input_ids, step)
+        # the draft covers positions 0..T-2: the same pages, each row's first T-1 tokens
+        first = replace(step, positions=step.positions[:, :-1], valid=step.valid[:, :-1],
+                        lens=step.lens.clamp(max=T - 1))
+        return self.logits(h), self.draft(h[:, :-1], input_ids[:, 1:], first)
 
 
 # ------------------------------------------------------------------------------ family contract
 def build(spec: ModelSpec, checkpoint_names: Iterable[str]) -> DeepseekForCausalLM:
-    args = make_args(spec)
     names = set(checkpoint_names)
     mtp = []
-    for j in range(len(spec.mtp_layers)):
-        prefix = f"model.layers.{args.n_layers + j}."
+    for layer in spec.mtp_layers:
+        prefix = f"model.layers.{layer.index}."
         if not any(n.startswith(prefix) for n in names):
             break   # MTP layers are kept only when the checkpoint has them
         mtp.append((prefix + "embed_tokens.weight" in names, prefix + "shared_head.head.weight" in names))
-    return DeepseekForCausalLM(args, mtp)
+    return DeepseekForCausalLM(spec, mtp)
 
 
 _OFFICIAL = {

@@ -17,8 +17,12 @@ the value yet never passes it to the attention function (Gemma 3 replaced Gemma 
 soft-capping by q/k norms; every released config has it null). Applying it would break parity
 with the reference for a config that sets it.
 
-Sliding layers keep only the last window - 1 keys/values in the cache (all a later query
-can see); global layers keep everything. Tensor names are the Hugging Face ones.
+Attention is gqa.Attention (paged store/gather, per-row masks) with Gemma's norms, o_proj bias
+and score scale. Its sliding-window rule is transformers 5.23's for gemma3 sliding layers
+(masking_utils.sliding_window_overlay, kv_idx > q_idx - sliding_window): a query at position p
+sees keys p - window < j <= p, itself and window - 1 earlier ones. The layer reads only
+`step.key_index(window)`, which starts at the first query's window, so the engine may free
+older blocks. Tensor names are the Hugging Face ones.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..cache import Cache
-from ..layers import apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..layers import rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..ops import Step
+from . import gqa
 
 # Gemma3TextConfig defaults (transformers v5.23.0) for fields a config may omit.
 DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
@@ -67,17 +72,20 @@ def rope_parameters(cfg: dict) -> dict[str, tuple[float, dict | None]]:
 
 
 class GemmaRMSNorm(nn.Module):
-    """float32(x) normalised, times (1 + float32(weight)), cast back to x's dtype."""
+    """float32(x) normalised, times (1 + float32(weight)), cast back to x's dtype (then times
+    `gain`, in that dtype, when one is given)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, gain: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self.gain = gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        y = (y * (1.0 + self.weight.float())).to(x.dtype)
+        return y if self.gain == 1.0 else y * self.gain
 
 
 class GeluMLP(nn.Module):
@@ -96,53 +104,24 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: LayerSpec):
-        super().__init__()
-        g, cfg = spec.gqa, spec.config
-        assert g is not None
-        h, eps = spec.hidden_size, cfg.get("rms_norm_eps", 1e-6)
-        bias = bool(cfg.get("attention_bias", False))
-        self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
-        self.index = layer.index
-        self.window = layer.window if layer.attention == "sliding" else None
-        self.scale = float(cfg.get("query_pre_attn_scalar", DEFAULT_QUERY_PRE_ATTN_SCALAR)) ** -0.5
-        self.q_proj = nn.Linear(h, g.num_heads * g.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, g.num_kv_heads * g.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, g.num_kv_heads * g.head_dim, bias=bias)
-        self.o_proj = nn.Linear(g.num_heads * g.head_dim, h, bias=bias)
-        self.q_norm = GemmaRMSNorm(g.head_dim, eps)
-        self.k_norm = GemmaRMSNorm(g.head_dim, eps)
+class Attention(gqa.Attention):
+    """gqa.Attention with Gemma's parts: (1 + weight) per-head q/k norms, o_proj biased like q/k/v
+    by attention_bias, and scores scaled by query_pre_attn_scalar ** -0.5. No attention
+    soft-capping (see the module docstring)."""
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Cache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        end = int(positions[-1]) + 1
-        if cache is not None:
-            store = cache.layer(self.index)
-            if "k" in store:
-                k, v = torch.cat([store["k"], k], dim=2), torch.cat([store["v"], v], dim=2)
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-            # A sliding layer's next query (position `end`) sees keys > end - window: keep window - 1.
-            store["k"] = k if keep == k.shape[2] else k[:, :, k.shape[2] - keep:].clone()
-            store["v"] = v if keep == v.shape[2] else v[:, :, v.shape[2] - keep:].clone()
-        key_pos = torch.arange(end - k.shape[2], end, device=x.device)
-        visible = key_pos[None, :] <= positions[:, None]
-        if self.window is not None:
-            visible &= key_pos[None, :] > positions[:, None] - self.window
-        rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.scale     # no attn_logit_softcapping: see the docstring
-        scores = scores.masked_fill(~visible, float("-inf"))
-        # Softmax in at least float32 (as transformers' eager path; float64 stays float64, as sdpa).
-        work = torch.promote_types(scores.dtype, torch.float32)
-        probs = torch.softmax(scores.to(work), dim=-1).to(q.dtype)
-        out = probs @ v
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    def __init__(self, spec: ModelSpec, layer: LayerSpec):
+        super().__init__(spec, layer)
+        g, cfg = spec.gqa, spec.config
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        # gqa.Attention scales scores by head_dim ** -0.5. RoPE and q.k are linear in q, so the rest
+        # of Gemma's scale is applied to q as it leaves its norm (after the cast: a float64 model
+        # stays exact, the norm itself still runs in float32).
+        scalar = float(cfg.get("query_pre_attn_scalar", DEFAULT_QUERY_PRE_ATTN_SCALAR))
+        self.q_norm = GemmaRMSNorm(g.head_dim, eps, gain=(g.head_dim / scalar) ** 0.5)
+        self.k_norm = GemmaRMSNorm(g.head_dim, eps)
+        # The spec's o_bias is False outside the Llama-like families; transformers' Gemma3 follows attention_bias.
+        self.o_proj = nn.Linear(self.o_proj.in_features, self.o_proj.out_features,
+                                bias=bool(cfg.get("attention_bias", False)))
 
 
 class Block(nn.Module):
@@ -157,8 +136,8 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
 
-    def forward(self, x, positions, cos, sin, cache):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cos, sin, cache))
+    def forward(self, x, positions, cos, sin, step: Step):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cos, sin, step))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -193,25 +172,30 @@ class CausalLM(nn.Module):
         for kind, (theta, scaling) in self.rope.items():   # fail at build time on an unsupported type
             rope_inv_freq(spec.gqa.head_dim, theta, scaling, max_position=spec.max_position, device="cpu")
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)
+    # The step protocol of the GQA families: Cache -> Step -> hidden -> advance -> logits.
+    cache_layers = gqa.CausalLM.cache_layers
+    forward = gqa.CausalLM.forward
+
+    def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """Final hidden states [B, T, D] of input_ids [B, T] over the step's cache views."""
         x = self.model.embed_tokens(input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
-        tables = {}
+        positions = step.positions                                         # [B, T]
+        tables = {}                                                        # kind -> cos, sin [B, T, D]
         for kind in {block.kind for block in self.model.layers}:
             theta, scaling = self.rope[kind]
             inv = rope_inv_freq(self.spec.gqa.head_dim, theta, scaling, device=x.device,
                                 max_position=self.spec.max_position)
-            tables[kind] = rope_cos_sin(positions, inv, x.dtype, rope_attention_factor(scaling, self.spec.max_position))
+            cos, sin = rope_cos_sin(positions.reshape(-1), inv, x.dtype,
+                                    rope_attention_factor(scaling, self.spec.max_position))
+            tables[kind] = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         for block in self.model.layers:
-            x = block(x, positions, *tables[block.kind], cache)
-        x = self.model.norm(x)
-        if cache is not None:
-            cache.length += T
+            x = block(x, positions, *tables[block.kind], step)
+        return self.model.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return _softcap(F.linear(x, head), self.final_softcap)
+        return _softcap(F.linear(h, head), self.final_softcap)
 
 
 def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:

@@ -31,9 +31,9 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..cache import Cache
 from ..layers import RMSNorm, SwiGLUW, rope_attention_factor, rope_cos_sin, rope_inv_freq
-from .gqa import Attention
+from ..ops import Step
+from . import gqa
 
 DEFAULT_THETA = 5000000.0      # MiniMaxM2Config.default_theta
 
@@ -117,13 +117,13 @@ class Block(nn.Module):
         super().__init__()
         eps = spec.config.get("rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(spec.hidden_size, eps)
-        self.self_attn = Attention(spec, layer)
+        self.self_attn = gqa.Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
         self.ffn_name = "mlp" if fused else "block_sparse_moe"
         setattr(self, self.ffn_name, SparseMoE(spec, fused))
 
-    def forward(self, x, positions, cos, sin, cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, cache)
+    def forward(self, x, positions, cos, sin, step: Step):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, step)
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
@@ -145,21 +145,21 @@ class CausalLM(nn.Module):
         self.theta, self.scaling, self.rotary_dim = rope_config(spec)
         self.rope_factor = rope_attention_factor(self.scaling, spec.max_position)
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)
+    # The step protocol and output head of the GQA families: Cache -> Step -> hidden -> advance -> logits.
+    cache_layers = gqa.CausalLM.cache_layers
+    forward = gqa.CausalLM.forward
+    logits = gqa.CausalLM.logits
+
+    def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """Final hidden states [B, T, D] of input_ids [B, T] over the step's cache views."""
         x = self.model.embed_tokens(input_ids)
         inv = rope_inv_freq(self.rotary_dim, self.theta, self.scaling, device=x.device,
                             max_position=self.spec.max_position)
-        cos, sin = rope_cos_sin(positions, inv, x.dtype, self.rope_factor)
+        cos, sin = rope_cos_sin(step.positions.reshape(-1), inv, x.dtype, self.rope_factor)
+        cos, sin = cos.view(*step.positions.shape, -1), sin.view(*step.positions.shape, -1)   # [B, T, rot]
         for block in self.model.layers:
-            x = block(x, positions, cos, sin, cache)
-        x = self.model.norm(x)
-        if cache is not None:
-            cache.length += T
-        head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return F.linear(x, head)
+            x = block(x, step.positions, cos, sin, step)
+        return self.model.norm(x)
 
 
 def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:

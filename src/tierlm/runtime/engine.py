@@ -1,0 +1,348 @@
+"""`LLM`: load a checkpoint, size the paged pools from its cache streams, and serve requests
+with continuous batching, chunked prefill, prefix caching and preemption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import TierlmError
+from ..spec.cache import block_size as default_block_size, entries_per_page, held_pages, layer_cache_streams
+from ..plan.layouts import tierlm_record_bytes
+from .manager import CacheManager
+from .pools import CachePools, resolve_kv_dtype, stream_dtype
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence, Status
+
+REFERENCES = ("official", "transformers")
+CPU_DEFAULT_CACHE_FRACTION = 0.25      # of available RAM, when cache_bytes is not given
+
+
+class LLM:
+    """A vLLM-style engine over one checkpoint directory (config.json + safetensors)."""
+
+    def __init__(self, model: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None,
+                 max_model_len: int | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
+                 cache_bytes: int | None = None, block_size: int | None = None, enable_prefix_caching: bool = True,
+                 speculative: dict | None = None, kv_dtype: str = "auto", indexer_dtype: str | None = None,
+                 reference: str = "official"):
+        from ..model import load
+        if reference not in REFERENCES:
+            raise TierlmError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+        for name, v, low in (("max_num_seqs", max_num_seqs, 1), ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise TierlmError(f"{name} must be an integer >= {low}, got {v!r}")
+        if speculative is not None:
+            raise TierlmError("speculative decoding is not available in this build of the engine")
+        self.path = Path(model)
+        self.model = load(self.path, dtype=dtype, device=device, progress=False)
+        if hasattr(self.model, "set_reference"):
+            self.model.set_reference(reference, exact_fp32=False)
+        self.spec = spec = self.model.spec
+        weight = next(self.model.parameters())
+        self.dtype, self.device = weight.dtype, weight.device
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
+        self.indexer_dtype = resolve_kv_dtype(indexer_dtype if indexer_dtype is not None else
+                                              ("auto" if kv_dtype in (None, "auto") else "bf16"), self.dtype)
+        self.block = default_block_size(spec) if block_size is None else block_size
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise TierlmError(f"block_size must be a positive integer, got {block_size!r}")
+        self.max_model_len = max_model_len or spec.max_position
+        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 2:
+            raise TierlmError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
+        if self.max_model_len > spec.max_position:
+            raise TierlmError(f"max_model_len {self.max_model_len} exceeds the model's {spec.max_position} positions")
+        self.layers = self.model.cache_layers()
+        per_block = CachePools.block_bytes(spec, self.layers, self.block, self.dtype, self.kv_dtype, self.indexer_dtype)
+        blocks = self._blocks(per_block, cache_bytes, max_num_seqs, max_num_batched_tokens)
+        pools = CachePools(spec, self.layers, blocks, self.block, self.dtype, self.kv_dtype, self.indexer_dtype,
+                           self.device)
+        self.manager = CacheManager(pools, self.fingerprint(reference), enable_prefix_caching)
+        self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens)
+        self.chunk = max_num_batched_tokens
+        self.tokenizer = _tokenizer(self.path)
+        self.eos = _eos_ids(self.path)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._counter = 0
+
+    # ------------------------------------------------------------------ sizing
+    def _blocks(self, per_block: dict[int, int], cache_bytes: int | None, seqs: int, chunk: int) -> dict[int, int]:
+        """cache_bytes buys sequences of max_model_len: each group gets its share of blocks, a
+        window group what one sequence can hold at once during a prefill chunk. Default: room
+        for max_num_seqs such sequences, within a quarter of free RAM (90% of free GPU memory)."""
+        need = {g: (-(-self.max_model_len // self.block) if g == 0 else -(-(g + chunk) // self.block) + 1)
+                for g in per_block}
+        self.bytes_per_sequence = sum(need[g] * per_block[g] for g in per_block)
+        if cache_bytes is None:
+            cache_bytes = min(seqs * self.bytes_per_sequence, max(_memory_budget(self.device), self.bytes_per_sequence))
+        elif isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < self.bytes_per_sequence:
+            raise TierlmError(f"cache_bytes {cache_bytes!r} is too small: one sequence of max_model_len "
+                              f"{self.max_model_len} needs {self.bytes_per_sequence} bytes")
+        share = cache_bytes / self.bytes_per_sequence
+        return {g: max(need[g], int(share * need[g])) for g in per_block}
+
+    def fingerprint(self, reference: str) -> bytes:
+        """Root of the prefix-hash chain: config, weights identity, layout and dtypes."""
+        h = hashlib.sha256()
+        h.update((self.path / "config.json").read_bytes())
+        for f in sorted(self.path.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f.name.encode() + st.st_size.to_bytes(8, "little"))
+            with open(f, "rb") as fh:                  # header (names, shapes, offsets) + first MiB of data
+                h.update(fh.read(1 << 20))
+        h.update(json.dumps([self.block, self.kv_dtype, self.indexer_dtype, str(self.dtype), reference,
+                             [l.index for l in self.layers]]).encode())
+        return h.digest()
+
+    def cache_bytes(self, num_tokens: int) -> int:
+        """Bytes the pools hold for one sequence of num_tokens tokens (all layers and streams,
+        block rounding, window freeing): what `tierlm plan --layout tierlm` reports."""
+        total = 0
+        for layer in self.layers:
+            for s in layer_cache_streams(self.spec, layer):
+                rec = tierlm_record_bytes(s, s.width, stream_dtype(s, self.kv_dtype, self.indexer_dtype, self.dtype))
+                total += held_pages(s, num_tokens, self.block) * entries_per_page(s, self.block) * rec
+        return total
+
+    def stats(self) -> dict:
+        return {"cache_bytes_in_use": self.manager.bytes_in_use(), "blocks_in_use": self.manager.blocks_in_use(),
+                "cache_bytes_total": self.manager.pools.nbytes(), "prefix_hit_tokens": self.manager.hit_tokens,
+                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_preemptions": self.scheduler.num_preemptions, "spec_acceptance_rate": None}
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if set(prompt) != {"prompt_token_ids"}:
+                raise TierlmError("a dict prompt takes exactly one key, 'prompt_token_ids'")
+            prompt = prompt["prompt_token_ids"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TierlmError(f"string prompt, but {self.path} has no tokenizer.json: pass token ids")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise TierlmError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
+            return None, list(prompt)
+        raise TierlmError("a prompt is a string, a list of token ids or {'prompt_token_ids': [...]}")
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one request; a bad one raises TierlmError and leaves the engine as it was."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TierlmError("params must be a tierlm.SamplingParams")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise TierlmError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise TierlmError(f"prompt of {len(ids)} tokens does not fit max_model_len {self.max_model_len} "
+                              "(one position is needed for the first output token)")
+        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        why = self.manager.fits_ever(total, self.chunk)
+        if why:
+            raise TierlmError(f"request can never fit in the cache pools: it {why}; raise cache_bytes "
+                              "or lower max_tokens")
+        rid = request_id or f"req-{self._counter}"
+        self._counter += 1
+        if rid in self._requests:
+            raise TierlmError(f"request id {rid!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator()
+                gen.manual_seed(params.seed + i if params.seed is not None else torch.seed())
+            seq = Sequence(rid, i, ids, params, prompt=text, generator=gen)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[rid] = seqs
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            if seq.status is Status.RUNNING:
+                self.scheduler.finish(seq)
+            elif seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+                self.manager.free(seq)
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the requests that made progress."""
+        batch, prefill = self.scheduler.schedule()
+        if not batch:
+            return []
+        h = self._forward(batch)
+        rows, seqs = [], []
+        for r, (seq, n) in enumerate(batch):
+            seq.num_computed += n
+            if seq.num_computed == len(seq):          # the row's last token: sample after it
+                rows.append((r, n - 1))
+                seqs.append(seq)
+        touched = {}
+        if rows:
+            idx_r = torch.tensor([r for r, _ in rows], device=h.device)
+            idx_t = torch.tensor([t for _, t in rows], device=h.device)
+            logits = self.model.logits(h[idx_r, idx_t].unsqueeze(1))[:, 0]
+            for seq, tok in zip(seqs, sample(logits, seqs)):
+                seq.token_ids.append(tok)
+                self._check_stop(seq)
+                touched[seq.request_id] = True
+        for seq, _ in batch:
+            if seq.status is Status.RUNNING:
+                self.manager.commit(seq)
+                self.manager.trim(seq)
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+        return [self._output(rid) for rid in touched]
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        from ..model.ops import Step
+        dev = self.device
+        seqs = [s for s, _ in batch]
+        t = max(n for _, n in batch)
+        ids = torch.zeros(len(batch), t, dtype=torch.long)
+        positions = torch.zeros(len(batch), t, dtype=torch.long)
+        valid = torch.zeros(len(batch), t, dtype=torch.bool)
+        c = getattr(self.model, "history", 0)
+        history = torch.full((len(batch), c), -1, dtype=torch.long)
+        for r, (seq, n) in enumerate(batch):
+            s = seq.num_computed
+            ids[r, :n] = torch.tensor(seq.token_ids[s:s + n])
+            positions[r] = s
+            positions[r, :n] = torch.arange(s, s + n)
+            valid[r, :n] = True
+            if c and s:
+                past = seq.token_ids[max(0, s - c):s]
+                history[r, c - len(past):] = torch.tensor(past)
+        step = Step(positions=positions.to(dev), valid=valid.to(dev),
+                    starts=torch.tensor([s.num_computed for s in seqs], device=dev),
+                    lens=torch.tensor([n for _, n in batch], device=dev),
+                    views=self.manager.pools.views(self.manager.tables(seqs, dev)),
+                    history=history.to(dev) if c else None)
+        return self.model.hidden(ids.to(dev), step)
+
+    def _check_stop(self, seq: Sequence) -> None:
+        p, tok = seq.params, seq.token_ids[-1]
+        if (not p.ignore_eos and tok in self.eos) or tok in (p.stop_token_ids or ()):
+            seq.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None and any(s in self._text(seq) for s in p.stop):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        for s in seq.params.stop or ():
+            if s in text:
+                text = text[:text.index(s)]
+        return text
+
+    def _output(self, rid: str) -> RequestOutput:
+        seqs = self._requests[rid]
+        first = seqs[0]
+        outs = [CompletionOutput(s.index, list(s.output_ids), self._text(s), s.finish_reason) for s in seqs]
+        done = all(s.finish_reason is not None for s in seqs)
+        return RequestOutput(rid, first.prompt, list(first.prompt_token_ids), outs, done,
+                             max(s.num_cached_prompt for s in seqs))
+
+    # ------------------------------------------------------------------ front ends
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Outputs in prompt order. A prompt that cannot be served gets an output with
+        finish_reason 'error' and the reason, and the others are served as usual."""
+        results = {}
+        order = []
+        for prompt, p in zip(*_pair(prompts, params)):
+            try:
+                rid = self.add_request(prompt, p)
+            except TierlmError as e:
+                rid = f"error-{len(order)}"
+                results[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None,
+                                             prompt if isinstance(prompt, list) else [],
+                                             [CompletionOutput(0, [], "", "error", str(e))], True)
+            order.append(rid)
+        for out in self._drive(use_tqdm, sum(1 for r in order if r not in results)):
+            if out.finished:
+                results[out.request_id] = out
+                self._requests.pop(out.request_id, None)
+        return [results[r] for r in order]
+
+    def generate_stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that adds tokens (the last is finished)."""
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(rid)
+
+    def _drive(self, use_tqdm: bool, total: int) -> Iterable[RequestOutput]:
+        from rich.progress import Progress
+        with Progress(disable=not use_tqdm, transient=True) as bar:
+            task = bar.add_task("generating", total=total)
+            while self.scheduler.has_work():
+                for out in self.step():
+                    if out.finished:
+                        bar.advance(task)
+                    yield out
+
+
+def _pair(prompts, params):
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * len(prompts)
+    if len(params) != len(prompts):
+        raise TierlmError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    return prompts, params
+
+
+def _tokenizer(path: Path):
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        return None
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:                         # tokenizers raises its own exception types
+        raise TierlmError(f"{f}: not a valid tokenizer ({e})") from None
+
+
+def _eos_ids(path: Path) -> set[int]:
+    for name in ("generation_config.json", "config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                eos = json.loads(f.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {int(eos)}
+    return set()
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 8 << 30
+    return int(avail * CPU_DEFAULT_CACHE_FRACTION)
