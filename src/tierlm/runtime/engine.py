@@ -81,11 +81,12 @@ class LLM:
         self.bytes_per_sequence = sum(need[g] * per_block[g] for g in per_block)
         if cache_bytes is None:
             cache_bytes = min(seqs * self.bytes_per_sequence, max(_memory_budget(self.device), self.bytes_per_sequence))
-        elif isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < self.bytes_per_sequence:
-            raise TierlmError(f"cache_bytes {cache_bytes!r} is too small: one sequence of max_model_len "
-                              f"{self.max_model_len} needs {self.bytes_per_sequence} bytes")
+        least = sum((need[g] if g else 1) * per_block[g] for g in per_block)
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < least:
+            raise TierlmError(f"cache_bytes {cache_bytes!r} is too small: the pools need at least {least} bytes "
+                              f"({self.bytes_per_sequence} for one sequence of max_model_len {self.max_model_len})")
         share = cache_bytes / self.bytes_per_sequence
-        return {g: max(need[g], int(share * need[g])) for g in per_block}
+        return {g: max(need[g] if g else 1, int(share * need[g])) for g in per_block}
 
     def fingerprint(self, reference: str) -> bytes:
         """Root of the prefix-hash chain: config, weights identity, layout and dtypes."""

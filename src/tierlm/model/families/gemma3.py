@@ -119,7 +119,7 @@ class Attention(gqa.Attention):
         scalar = float(cfg.get("query_pre_attn_scalar", DEFAULT_QUERY_PRE_ATTN_SCALAR))
         self.q_norm = GemmaRMSNorm(g.head_dim, eps, gain=(g.head_dim / scalar) ** 0.5)
         self.k_norm = GemmaRMSNorm(g.head_dim, eps)
-        # The spec's o_bias is False outside the Llama-like families; transformers' Gemma3 follows attention_bias.
+        # The spec takes o_bias from attention_bias only for llama/mistral/mixtral/gpt-oss; Gemma3 biases o_proj too.
         self.o_proj = nn.Linear(self.o_proj.in_features, self.o_proj.out_features,
                                 bias=bool(cfg.get("attention_bias", False)))
 

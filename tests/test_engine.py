@@ -1,0 +1,83 @@
+"""tierlm.LLM against transformers==5.23.0 for every family: random tiny float64 checkpoints
+saved by transformers; the oracle is plain greedy decoding by repeated full forward passes of
+the transformers model. The engine must give the same 32 tokens for one prompt, a ragged batch,
+a second batch that hits the prefix cache, tiny prefill chunks and a pool too small for all
+requests at once (preemption by recompute)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import test_model_deepseek as ds  # noqa: E402
+import test_model_deepseek_v4 as v4  # noqa: E402
+import test_model_gemma3 as gemma3  # noqa: E402
+import test_model_gqa as gqa  # noqa: E402
+import test_model_minimax_m2 as minimax  # noqa: E402
+
+from tierlm import LLM, SamplingParams  # noqa: E402
+
+N = 32
+DS = {c[0]: c for c in ds.CASES}
+MAKERS = {
+    "llama": lambda p: gqa.make("llama", p),
+    "qwen3": lambda p: gqa.make("qwen3", p),
+    "qwen3-moe": lambda p: gqa.make("qwen3-moe", p),
+    "mixtral": lambda p: gqa.make("mixtral", p),
+    "gpt-oss": lambda p: gqa.make("gpt-oss", p),
+    "gemma3": lambda p: gemma3.make("local-global-linear", p),
+    "minimax-m2": lambda p: minimax.make("partial-yarn-top3", p),
+    "deepseek-v2": lambda p: ds.make(p, DS["v2-lite-qproj"]),
+    "deepseek-v3": lambda p: ds.make(p, DS["v3-qlora-group"]),
+    "deepseek-v3.2": lambda p: ds.make(p, DS["v32-dsa"]),
+    "glm-5": lambda p: ds.make(p, DS["glm5-dsa-shared"]),
+    "deepseek-v4": lambda p: (v4.make_checkpoint(p, "mixed")[0], p),
+}
+# Ragged lengths (1 to 40 tokens, across 16-token blocks); the second batch shares whole
+# blocks with the first, so it must hit the prefix cache.
+PROMPTS = [[5, 9, 11, 2, 8], [(7 * i + 3) % 50 for i in range(21)], [7], [(5 * i + 1) % 60 for i in range(40)]]
+SECOND = [PROMPTS[3][:36] + [1, 2, 3], PROMPTS[1] + [4, 5]]
+GREEDY = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+
+
+def reference_greedy(ref, prompt):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(N):
+            ids = torch.cat([ids, ref(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def family(request, tmp_path_factory):
+    ref, path = MAKERS[request.param](tmp_path_factory.mktemp(request.param))
+    want = {tuple(p): reference_greedy(ref, p) for p in PROMPTS + SECOND}
+    return request.param, path, want
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_one_prompt_ragged_batch_and_prefix_hits(family):
+    name, path, want = family
+    llm = LLM(path, dtype=torch.float64, reference="transformers")
+    assert tokens(llm.generate([PROMPTS[3]], GREEDY)) == [want[tuple(PROMPTS[3])]]
+    assert tokens(llm.generate(PROMPTS, GREEDY)) == [want[tuple(p)] for p in PROMPTS]
+    before = llm.stats()["prefix_hit_tokens"]
+    outs = llm.generate(SECOND, GREEDY)
+    assert tokens(outs) == [want[tuple(p)] for p in SECOND]
+    assert llm.stats()["prefix_hit_tokens"] > before
+    assert outs[0].num_cached_tokens >= llm.block
+    assert llm.stats()["blocks_in_use"] == 0 and llm.stats()["num_running"] == 0
+
+
+def test_small_chunks_and_preemption(family):
+    name, path, want = family
+    chunked = LLM(path, dtype=torch.float64, reference="transformers", max_num_batched_tokens=3,
+                  enable_prefix_caching=False)
+    assert tokens(chunked.generate(PROMPTS, GREEDY)) == [want[tuple(p)] for p in PROMPTS]
+    probe = LLM(path, dtype=torch.float64, reference="transformers", max_model_len=80, max_num_batched_tokens=16)
+    tight = LLM(path, dtype=torch.float64, reference="transformers", max_model_len=80, max_num_batched_tokens=16,
+                max_num_seqs=4, cache_bytes=int(1.5 * probe.bytes_per_sequence))
+    assert tokens(tight.generate(PROMPTS, GREEDY)) == [want[tuple(p)] for p in PROMPTS]
+    assert tight.stats()["num_preemptions"] > 0
