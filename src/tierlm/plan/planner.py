@@ -187,8 +187,9 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
 
 
 def _explain_cache(ex, spec, o, context, layers) -> None:
-    from ..spec.cache import layer_cache_streams
+    from ..spec.cache import block_size, layer_cache_streams
     from .layouts import record_bits, stored_entries
+    block = block_size(spec) if o.layout == "tierlm" else 0
     seen = set()
     for layer in spec.all_layers(o.mtp):
         key = (layer.attention, layer.compress_ratio, layer.window, layer.csa)
@@ -200,8 +201,8 @@ def _explain_cache(ex, spec, o, context, layers) -> None:
         for s in layer_cache_streams(spec, layer):
             dtype = o.indexer_dtype if s.role == "indexer" else ("fp32" if s.role == "state" else o.kv_dtype)
             bits = record_bits(s, s.width, o.indexer_dtype if s.role == "indexer" else o.kv_dtype, o.layout, layer.attention)
-            e = stored_entries(s, layer, context, o.layout)
-            how = {"token": f"floor({context}/{s.ratio})" if s.ratio > 1 else f"{context}",
+            e = stored_entries(s, layer, context, o.layout, block=block)
+            how = f"{block}-token blocks" if block else {"token": f"floor({context}/{s.ratio})" if s.ratio > 1 else f"{context}",
                    "window": f"min({context}, {s.window})", "fixed": "fixed"}[s.per]
             parts.append(f"{s.name}: {e:,} entries [{how}] x {bits / 8:g} B ({s.width} el, {dtype})")
         label = layer.attention + (f" {'csa' if layer.csa else 'hca' if layer.compress_ratio else 'swa'} ratio "

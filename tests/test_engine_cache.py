@@ -1,0 +1,71 @@
+"""What the engine holds is what the planner says: `LLM.cache_bytes(n)` equals
+`tierlm plan <checkpoint> --context n --layout tierlm --json`'s kv_cache.total_bytes for every
+family, several n and both KV dtypes, and the pools' real tensors hold exactly that much for
+a sequence of n tokens (sliding-window layers only their window)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("transformers")
+from test_engine import MAKERS  # noqa: E402
+
+from tierlm import LLM, SamplingParams  # noqa: E402
+from tierlm.cli import app  # noqa: E402
+from tierlm.runtime.scheduler import Scheduler  # noqa: E402
+
+CONTEXTS = [1, 16, 17, 40, 129]
+
+
+@pytest.fixture(scope="module", params=sorted(MAKERS))
+def checkpoint(request, tmp_path_factory):
+    _, path = MAKERS[request.param](tmp_path_factory.mktemp(request.param))
+    return request.param, path
+
+
+def planned(path, n, dtype):
+    out = CliRunner().invoke(app, ["plan", str(path), "--context", str(n), "--layout", "tierlm",
+                                   "--kv-dtype", dtype, "--indexer-dtype", dtype, "--json"])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.output)["plans"][0]["kv_cache"]["total_bytes"]
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_cache_bytes_equal_plan_and_pools(checkpoint, kv):
+    name, path = checkpoint
+    llm = LLM(path, dtype=torch.float32, kv_dtype=kv, indexer_dtype=kv, max_model_len=200)
+    for n in CONTEXTS:
+        assert llm.cache_bytes(n) == planned(path, n, kv), (name, n)
+    # Drive one request through its prefill and check the pool tensors in use.
+    llm.add_request(list(range(1, 41)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    while Scheduler.prefilling(llm.scheduler.running[0]) if llm.scheduler.running else True:
+        llm.step()
+    seq = llm.scheduler.running[0]
+    for _ in range(3):
+        assert llm.stats()["cache_bytes_in_use"] == llm.cache_bytes(seq.num_computed)
+        llm.step()
+    windows = [g for g in llm.manager.groups if g]
+    for g in windows:                 # only the window's blocks are held
+        held = [b for b in seq.tables[g] if b >= 0]
+        assert len(held) <= -(-g // llm.block) + 1
+
+
+def test_fp8_record_round_trip():
+    """fp8 records: e4m3 values with one fp32 scale per 128 channels, rope channels in bf16."""
+    from tierlm.model.ops import StreamView, decode, encode
+    from tierlm.spec.cache import CacheStream
+    s = CacheStream("latent", "kv", 300, "token", rope=44)
+    view = StreamView(s, torch.zeros(1, 1, 256 + 4 * 2 + 2 * 44, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.long),
+                      1, torch.float64, fp8=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
+    rec = encode(view, x)
+    assert rec.shape == (5, 256 + 8 + 88) and rec.dtype == torch.uint8
+    y = decode(view, rec)
+    assert torch.equal(y[:, 256:], x[:, 256:].to(torch.bfloat16).double())
+    for lo in (0, 128):                                  # each 128-channel block: error within e4m3's step
+        blk, got = x[:, lo:lo + 128], y[:, lo:lo + 128]
+        assert ((got - blk).abs() <= blk.abs().amax(1, keepdim=True) / 16).all()
+        assert ((got - blk).abs() > 0).any()             # really quantised
