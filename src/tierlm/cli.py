@@ -128,6 +128,109 @@ def hardware_list(as_json: bool = typer.Option(False, "--json")) -> None:
     Console().print(t)
 
 
+def _engine(model: str, dtype: Optional[str], device: Optional[str], kv_dtype: str, max_model_len: Optional[int],
+            **kw):
+    from .runtime import LLM
+    return LLM(model, dtype=dtype, device=device, kv_dtype=kv_dtype, max_model_len=max_model_len, **kw)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Checkpoint directory (config.json + safetensors)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (needs tokenizer.json)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Comma-separated prompt token ids."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos"),
+    stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 | fp64 (default: the checkpoint's)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cpu)."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help="auto (the model dtype) | bf16 | fp8"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and stats."),
+) -> None:
+    """Generate a completion for one prompt."""
+    import time
+    try:
+        if (prompt is None) == (prompt_ids is None):
+            raise TierlmError("give exactly one of --prompt and --prompt-ids")
+        if prompt_ids is not None:
+            try:
+                request = [int(t) for t in prompt_ids.split(",") if t.strip()]
+            except ValueError:
+                raise TierlmError("--prompt-ids must be comma-separated integers") from None
+        else:
+            request = prompt
+        from .runtime import SamplingParams
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                seed=seed, ignore_eos=ignore_eos)
+        llm = _engine(model, dtype, device, kv_dtype, max_model_len)
+        t0 = time.perf_counter()
+        shown, out = "", None
+        for out in llm.generate_stream(request, params):
+            text = out.outputs[0].text
+            if stream and not as_json:
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        dt = time.perf_counter() - t0
+    except TierlmError as e:
+        _fail(str(e))
+        return
+    c = out.outputs[0]
+    if as_json:
+        print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": c.token_ids, "text": c.text,
+                          "finish_reason": c.finish_reason, "seconds": dt,
+                          "cache_bytes": llm.cache_bytes(len(out.prompt_token_ids) + len(c.token_ids))}))
+        return
+    if stream:
+        sys.stdout.write("\n")
+    elif c.text:
+        print(c.text)
+    if not c.text:
+        print(" ".join(map(str, c.token_ids)))
+    err.print(f"{len(c.token_ids)} tokens in {dt:.2f} s ({len(c.token_ids) / dt:.1f} tok/s), finish: {c.finish_reason}")
+
+
+@app.command()
+def bench(
+    mode: str = typer.Argument(..., help="prefill | decode"),
+    model: str = typer.Argument(..., help="Checkpoint directory."),
+    batch: int = typer.Option(1, "--batch", "-b"),
+    context: int = typer.Option(512, "--context", "-c", help="Prompt tokens per sequence."),
+    tokens: int = typer.Option(32, "--tokens", help="Decode: tokens generated per sequence."),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Engine throughput: tokens/s and the cache bytes one sequence holds."""
+    from .units import fmt_bytes
+    try:
+        if mode not in ("prefill", "decode"):
+            raise TierlmError(f"mode must be prefill or decode, got {mode!r}")
+        for name, v in (("--batch", batch), ("--context", context), ("--tokens", tokens)):
+            if v < 1:
+                raise TierlmError(f"{name} must be >= 1, got {v}")
+        from .runtime import bench as b
+        llm = _engine(model, dtype, device, kv_dtype, None, max_num_seqs=batch,
+                      max_num_batched_tokens=max(512, context))
+        res = b.prefill(llm, batch, context) if mode == "prefill" else b.decode(llm, batch, context, tokens)
+    except TierlmError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        print(json.dumps(res))
+        return
+    line = f"{mode}: batch {batch}, context {context}: {res['tokens_per_s']:,.1f} tokens/s"
+    if mode == "decode":
+        line += f" ({res['step_ms']:.2f} ms/step)"
+    print(line + f"; cache {fmt_bytes(res['cache_bytes_per_seq'])} per sequence")
+
+
 def main() -> None:
     app()
 

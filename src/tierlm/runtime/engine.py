@@ -40,6 +40,12 @@ class LLM:
                 raise TierlmError(f"{name} must be an integer >= {low}, got {v!r}")
         if speculative is not None:
             raise TierlmError("speculative decoding is not available in this build of the engine")
+        try:
+            device = torch.device(device) if device is not None else None
+        except RuntimeError:
+            raise TierlmError(f"unknown device {device!r}") from None
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise TierlmError("device 'cuda' requested, but this torch has no CUDA device")
         self.path = Path(model)
         self.model = load(self.path, dtype=dtype, device=device, progress=False)
         if hasattr(self.model, "set_reference"):
@@ -235,16 +241,17 @@ class LLM:
         p, tok = seq.params, seq.token_ids[-1]
         if (not p.ignore_eos and tok in self.eos) or tok in (p.stop_token_ids or ()):
             seq.finish_reason = "stop"
-        elif p.stop and self.tokenizer is not None and any(s in self._text(seq) for s in p.stop):
+        elif p.stop and self.tokenizer is not None and any(s in self._text(seq, cut=False) for s in p.stop):
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _text(self, seq: Sequence) -> str:
+    def _text(self, seq: Sequence, cut: bool = True) -> str:
+        """The output text, ended before the first stop string (cut=False: as generated)."""
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        for s in seq.params.stop or ():
+        for s in (seq.params.stop or ()) if cut else ():
             if s in text:
                 text = text[:text.index(s)]
         return text
