@@ -8,6 +8,7 @@ save_pretrained, loaded with tierlm.model.load and compared logit by logit (with
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -106,6 +107,7 @@ def test_parity_with_transformers(tmp_path, case):
         # In float64 every float32 cast of the reference (RMSNorm, softmax...) re-quantises the
         # activations, so naive vs absorbed are compared with those ops in float64.
         ours.exact_fp32 = False
+        ours.absorb = False
         naive = ours(ids)
         ours.absorb = True
         absorbed = ours(ids)
@@ -116,7 +118,7 @@ def test_parity_with_transformers(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("absorb", [False, True, None])     # None: absorbed for decode and DSA
 def test_prefill_then_decode_equals_full(tmp_path, case, absorb):
     _, path = make(tmp_path, case)
     ours = load_ours(path)
@@ -154,6 +156,67 @@ def test_dsa_selection_matters(tmp_path):
     assert (sparse - dense).abs().max() > 1e-3
 
 
+RAGGED = [CASES[1], CASES[2], CASES[4], CASES[6]]       # V2 (complex RoPE), V3, V3.2, GLM-5 IndexShare
+
+
+@pytest.mark.parametrize("case", RAGGED, ids=[c[0] for c in RAGGED])
+def test_ragged_paged_batch(tmp_path, case):
+    """Rows of different lengths in one step, blocks scattered over the pools: with float64 ops
+    each row equals the model on that row alone (1e-9), and with transformers' float32 ops it
+    equals transformers on that row alone up to float32 rounding (a float32 softmax rounds
+    differently over rows of different widths, as decode vs full forward does)."""
+    from paged import ragged_logits
+    hf, path = make(tmp_path, case)
+    ours = load_ours(path)
+    ours.set_reference("transformers")
+    seqs = [list(range(3, 40)), [5, 9, 11, 2, 8, 1, 7], list(range(20, 60))]
+    cuts = [[5, 20, 21, 22, 37], [1, 2, 7], [19, 20, 40]]       # step 3 decodes one row alone
+    outs = ragged_logits(ours, seqs, cuts)
+    with torch.no_grad():
+        for s, got in zip(seqs, outs):
+            assert (got - hf(torch.tensor([s])).logits[0]).abs().max().item() <= 1e-5
+        ours.exact_fp32 = False
+        outs = ragged_logits(ours, seqs, cuts)
+        for s, got in zip(seqs, outs):
+            assert (got - ours(torch.tensor([s]))[0]).abs().max().item() <= 1e-9
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[6]], ids=[CASES[4][0], CASES[6][0]])
+def test_dsa_reads_only_topk_latents(tmp_path, case, monkeypatch):
+    """A DSA layer gathers [B, T, top-k] latents, and only those: with every latent that no query
+    selected replaced by NaN, a decode step is unchanged (top-k 5 / 6 of 16 visible)."""
+    _, path = make(tmp_path, case)
+    ours = load_ours(path)
+    ours.set_reference("transformers")
+    ids = torch.randint(0, COMMON["vocab_size"], (2, T))
+    layers = ours.model.layers[: ours.args.n_layers]
+    tops, shapes = {}, []
+    for i, blk in enumerate(layers):
+        if blk.self_attn.has_indexer:
+            blk.self_attn.indexer.register_forward_hook(lambda m, a, out, i=i: tops.__setitem__(i, out))
+    real_gather = deepseek.gather
+    monkeypatch.setattr(deepseek, "gather", lambda view, index: shapes.append((view.stream.name, tuple(index.shape)))
+                        or real_gather(view, index))
+    with torch.no_grad():
+        cache = Cache()
+        ours(ids[:, :-1], cache)
+        poisoned = copy.deepcopy(cache)
+        tops.clear()
+        shapes.clear()
+        clean = ours(ids[:, -1:], cache)
+        k = ours.args.index_topk
+        assert sorted(set(shapes)) == [("indexer", (2, T)), ("latent", (2, 1, k))]
+        top = None
+        for i in range(len(layers)):
+            top = tops.get(i, top)                                 # IndexShare layers reuse the previous top-k
+            assert top.shape == (2, 1, k) and (top >= 0).all()
+            pages = poisoned.pools.pages[i, "latent"]
+            entries = pages.view(2, -1, pages.shape[-1])           # row b: blocks b * capacity...
+            keep = torch.zeros(entries.shape[:2], dtype=torch.bool).scatter_(1, top[:, 0], True)
+            entries[~keep] = float("nan")
+        assert torch.equal(ours(ids[:, -1:], poisoned), clean)
+
+
 def test_mtp_layer_loads_and_drafts(tmp_path):
     _, path = make(tmp_path, CASES[2])                 # deepseek_v3, 3 layers -> MTP is layer 3
     cfg = json.loads((path / "config.json").read_text())
@@ -183,6 +246,16 @@ def test_mtp_layer_loads_and_drafts(tmp_path):
     assert draft.shape == (2, T - 1, COMMON["vocab_size"]) and torch.isfinite(draft).all()
     assert (logits - main).abs().max() == 0           # the MTP layer does not touch the main model
     assert (draft - logits[:, 1:]).abs().max() > 1e-3
+    # the MTP block caches its own latents (layer n): drafting in chunks equals the full draft
+    ours.exact_fp32 = False                            # exact float64 (see deepseek.py's docstring)
+    with torch.no_grad():
+        _, full = ours.forward_with_draft(ids)
+        h = ours.hidden(ids, Cache().step(ours, ids, torch.float64))
+        mtp, parts = Cache(), []
+        for a, b in ((0, 6), (6, 7), (7, T - 1)):
+            parts.append(ours.draft(h[:, a:b], ids[:, a + 1:b + 1], mtp.step(ours, ids[:, a:b], torch.float64)))
+            mtp.advance(ids[:, a:b])
+    assert (torch.cat(parts, dim=1) - full).abs().max() <= 1e-9
 
 
 def test_official_names_map_to_hf():

@@ -30,7 +30,10 @@ results depend on reduction order and GEMM shape, so with `exact_fp32 = True` a 
 can differ from the full forward by float32 rounding; `exact_fp32 = False` (the default for
 the official reference) computes those ops
 in max(dtype, float32) instead (identical to `True` for bf16/fp16/fp32 models), which
-makes a float64 model exact to ~1e-15 between prefill+decode and the full forward.
+makes a float64 model exact to ~1e-15 between prefill+decode and the full forward. A float32
+sum also rounds by where its terms sit, so for a float64 model with `exact_fp32` the DSA
+softmax of the K selected scores is taken over the dense row of positions, as transformers'
+masked softmax is (`dense_softmax`); the attention still reads only the K selected latents.
 
 Cache. Every layer runs over the paged cache contract (`tierlm.model.ops`): it `store`s its
 new entry [normalised c_kv | rotated k_pe] in its `latent` stream (DSA layers with their own
@@ -254,6 +257,17 @@ def visible(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return (kp >= 0) & (kp <= qp)
 
 
+def dense_softmax(scores: torch.Tensor, top: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax of scores [B,H,T,K] at logical positions top [B,T,K] (-1: masked), taken over
+    rows of `width` positions with the others -inf as transformers' masked dense softmax is:
+    a float32 sum rounds by where its terms sit (see the module docstring's Precision)."""
+    B, H, T, K = scores.shape
+    col = torch.where(top >= 0, top, width).unsqueeze(1).expand(B, H, T, K)          # masked: a spare column
+    dense = scores.new_full((B, H, T, width + 1), float("-inf")).scatter(-1, col, scores)
+    probs = dense[..., :width].softmax(dim=-1, dtype=dtype)
+    return F.pad(probs, (0, 1)).gather(-1, col)
+
+
 # ------------------------------------------------------------------------------ DSA indexer
 class Indexer(nn.Module):
     """Lightning indexer: I[t,s] = sum_h w[t,h] * relu(q[t,h] . k[s] * d^-0.5); top-k per query.
@@ -379,7 +393,10 @@ class MLA(nn.Module):
             k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], H, R)], dim=-1)
             scores = torch.einsum(f"bthd,{ks}hd->bhtk", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=a.up(x.dtype)).to(x.dtype)                # [B,H,T,S|K]
+        if sparse and a.exact_fp32 and x.dtype == torch.float64:
+            probs = dense_softmax(scores, top, int(step.ends.max()), torch.float32).to(x.dtype)
+        else:
+            probs = scores.softmax(dim=-1, dtype=a.up(x.dtype)).to(x.dtype)            # [B,H,T,S|K]
         if absorb:
             o = torch.einsum(f"bhtk,{ks}c->bthc", probs, latent)
             o = torch.einsum("bthc,hvc->bthv", o, wkv_b[:, N:])
