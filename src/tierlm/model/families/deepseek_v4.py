@@ -7,6 +7,11 @@ State-dict names are the ones transformers' `save_pretrained` writes for
 MTP tensors use the official `mtp.<i>.` prefix. `rename` also maps a raw official
 checkpoint (`embed.weight`, `layers.*`, `hc_head_fn`, ...) onto these names.
 
+Cache. Each layer runs over the paged streams of `tierlm.spec.cache` (`window`, `compressed`,
+`compressor_state`, and for CSA `indexer`, `indexer_compressor_state`) through
+`tierlm.model.ops`; every stored entry is indexed by position (or compressed entry), so the
+full forward, chunked prefill, decoding and ragged paged batches do the same arithmetic.
+
 Numerics. Every op runs in the model dtype except where the references compute in float32
 (RMS statistics, RoPE angles and the rope slice, compressor gate softmax, mHC projections,
 indexer scores); those casts are reproduced so a float64 model matches transformers to
@@ -31,6 +36,7 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
+from ..ops import Step, StreamView, gather, store
 from ..quant import fake_quant, hadamard   # shared with deepseek.py (tests patch these names here)
 
 REFERENCES = ("official", "transformers")
@@ -38,11 +44,12 @@ REFERENCES = ("official", "transformers")
 
 class Mode:
     """official: apply the official QAT simulations; exact: reproduce transformers bit for
-    bit: its float32 matmuls (mHC projections, hc head, indexer scores) stay float32 even in
-    a float64 model, and indexer ties go to whatever torch.topk picks. float32 GEMMs round
-    differently for different row counts and topk's tie order depends on the shapes, so
-    exact=False (those matmuls in max(float32, model dtype), ties to the older entry) is
-    what makes token-by-token decoding equal the full forward (~1e-15 in float64)."""
+    bit: its float32 ops (mHC projections, hc head, indexer scores, compressor softmax) stay
+    float32 even in a float64 model, and indexer ties go to whatever torch.topk picks.
+    float32 kernels round differently for different shapes and thread splits (GEMM row
+    counts; the compressor's softmax over a non-last dim) and topk's tie order depends on
+    the shapes, so exact=False (those ops in max(float32, model dtype), ties to the older
+    entry) is what makes token-by-token decoding equal the full forward (~1e-15 in float64)."""
 
     def __init__(self, official: bool, exact: bool):
         self.official, self.exact = official, exact
@@ -123,13 +130,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 
 
 # ----------------------------------------------------------------------------- attention
+def entry_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """[B, N] logical entries lo[b] .. hi[b] - 1 of each row (N: the widest row), -1 past hi[b]."""
+    n = int((hi - lo).max())
+    idx = lo.unsqueeze(1) + torch.arange(n, device=lo.device)
+    return torch.where(idx < hi.unsqueeze(1), idx, -1)
+
+
 class Compressor(nn.Module):
     """Gated softmax pooling of `ratio` consecutive tokens into one compressed KV entry.
 
-    overlap (CSA): wkv/wgate emit 2*d channels; entry i pools block i through channels d:2d
-    and block i-1 through channels :d (2*ratio tokens, stride ratio). The compressed entry
-    is RMS-normed and rotated at the position of its block's first token. Unfinished blocks
-    (and, for overlap, the previous full block) live in the cache between calls."""
+    Every token stores its projections [kv | score + ape[pos % r]] at its position in a state
+    stream; the token at position r*j + r - 1 completes entry j, which pools block j (positions
+    r*j .. r*j + r - 1). overlap (CSA): wkv/wgate emit 2*d channels; entry j pools block j
+    through channels d:2d and block j-1 through channels :d (2*ratio tokens, stride ratio;
+    entry 0 has no previous block). The entry is RMS-normed, rotated at position r*j and
+    stored at index j. All state being position-indexed, ragged rows, prefix reuse and
+    rollback need no per-sequence buffers."""
 
     def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float):
         super().__init__()
@@ -140,43 +157,28 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
         self.norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, state: dict | None, prefix: str) -> torch.Tensor:
-        """Returns the entries completed by this call [B, n, d]; their state stays in `state`."""
-        b = x.shape[0]
+    def forward(self, x: torch.Tensor, step: Step, state: StreamView, out: StreamView, rope: Rope,
+                mode: Mode, quant=None) -> None:
+        """Stores x's [B, T, D] per-token state, then every entry this step completes
+        (passed through `quant` when given) in `out`."""
         r, d = self.ratio, self.head_dim
-        kv, score = self.wkv(x), self.wgate(x)
-        first = 0
-        if state is not None:
-            if prefix + "buf_kv" in state:
-                kv = torch.cat([state[prefix + "buf_kv"], kv], dim=1)
-                score = torch.cat([state[prefix + "buf_score"], score], dim=1)
-            first = state.get(prefix + "count", 0) * r
-        n = kv.shape[1] // r
-        if state is not None:
-            state[prefix + "buf_kv"], state[prefix + "buf_score"] = kv[:, n * r:], score[:, n * r:]
-        kv = kv[:, :n * r].unflatten(1, (n, r))
-        score = score[:, :n * r].unflatten(1, (n, r)) + self.ape
-        if self.overlap and n > 0:
-            # [B, n, 2r, d]: slots :r = previous block's first-half channels, r: = own second half
-            pkv = kv.new_zeros((b, n, 2 * r, d))
-            pscore = score.new_full((b, n, 2 * r, d), float("-inf"))
-            pkv[:, :, r:], pscore[:, :, r:] = kv[..., d:], score[..., d:]
-            pkv[:, 1:, :r], pscore[:, 1:, :r] = kv[:, :-1, :, :d], score[:, :-1, :, :d]
-            if state is not None:
-                if prefix + "prev_kv" in state:
-                    pkv[:, 0, :r], pscore[:, 0, :r] = state[prefix + "prev_kv"], state[prefix + "prev_score"]
-                state[prefix + "prev_kv"], state[prefix + "prev_score"] = kv[:, -1, :, :d], score[:, -1, :, :d]
-            kv, score = pkv, pscore
-        if n > 0:
-            c = self.norm((kv * F.softmax(score, dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2))
-            pos = (torch.arange(n, device=x.device) * r + first).expand(b, n)
-            c = apply_rope(c, *rope.cos_sin(pos, c.dtype))
-        else:
-            c = kv.new_zeros((b, 0, d))
-        if state is None:
-            return c
-        state[prefix + "count"] = state.get(prefix + "count", 0) + n
-        return c
+        pos = step.positions
+        store(state, step.new_index(), torch.cat([self.wkv(x), self.wgate(x) + self.ape[pos % r]], dim=-1))
+        # the entries whose last token is in the step: the j with step.new_index(r) == j
+        j = entry_range(step.starts // r, step.ends // r)                          # [B, N]
+        if j.shape[1] == 0:
+            return
+        span = torch.arange(-r if self.overlap else 0, r, device=x.device)
+        src = j.clamp(min=0).unsqueeze(-1) * r + span                             # [B, N, coff*r] positions
+        kv, score = gather(state, torch.where((j.unsqueeze(-1) >= 0) & (src >= 0), src, -1)).chunk(2, dim=-1)
+        if self.overlap:    # slots :r = previous block's first-half channels, r: = own second half
+            kv = torch.cat([kv[..., :r, :d], kv[..., r:, d:]], dim=2)
+            score = torch.cat([score[..., :r, :d], score[..., r:, d:]], dim=2)
+            score = score.masked_fill((src < 0).unsqueeze(-1), float("-inf"))   # entry 0: no previous block
+        # the softmax runs in float32 in the references; mode.f32 keeps it at least float32
+        c = self.norm((kv * F.softmax(mode.f32(score), dim=2).to(kv.dtype)).sum(dim=2))   # [B, N, d]
+        c = apply_rope(c, *rope.cos_sin(j * r, c.dtype))
+        store(out, j, quant(c) if quant is not None else c)
 
 
 class Indexer(nn.Module):
@@ -192,24 +194,27 @@ class Indexer(nn.Module):
         self.compressor = Compressor(spec.hidden_size, ix.head_dim, ratio, True, eps)
         self.ratio = ratio
 
-    def forward(self, x, qr, positions, rope: Rope, state, mode: Mode) -> torch.Tensor:
-        """Returns [B, T, k] indices of compressed entries, -1 where not selectable."""
+    def forward(self, x, qr, step: Step, layer: int, rope: Rope, mode: Mode) -> torch.Tensor:
+        """Stores this step's indexer keys; returns [B, T, k] indices of the compressed
+        entries each query attends to, -1 where not selectable."""
         b, t, _ = x.shape
-        keys = self.compressor(x, rope, state, "ix_")
-        if state is not None:
-            keys = _append(state, "ix_keys", keys, mode.official, self._quant)
-        elif mode.official:
-            keys = self._quant(keys)
+        view = step.view(layer, "indexer")
+        self.compressor(x, step, step.view(layer, "indexer_compressor_state"), view, rope, mode,
+                        self._quant if mode.official else None)
+        entries = entry_range(torch.zeros_like(step.ends), step.ends // self.ratio)   # [B, N]: column i = entry i
+        n = entries.shape[1]
+        if n == 0:
+            return entries.new_full((b, t, 0), -1)
+        keys = gather(view, entries)                                                  # [B, N, D]
         q = self.wq_b(qr).view(b, t, self.n_heads, self.head_dim)
-        q = apply_rope(q, *rope.cos_sin(positions, q.dtype))
+        q = apply_rope(q, *rope.cos_sin(step.positions, q.dtype))
         if mode.official:
             q = self._quant(q)
         scores = torch.matmul(mode.f32(q), mode.f32(keys).transpose(-1, -2).unsqueeze(1))   # [B, T, H, N]
         scores = F.relu(scores) * self.head_dim ** -0.5
         weights = mode.f32(self.weights_proj(x)) * self.n_heads ** -0.5
         scores = (scores * weights.unsqueeze(-1)).sum(dim=2)                               # [B, T, N]
-        n = keys.shape[1]
-        visible = (positions + 1) // self.ratio                                             # [B, T]
+        visible = (step.positions + 1) // self.ratio                                        # [B, T]
         future = torch.arange(n, device=x.device).view(1, 1, -1) >= visible.unsqueeze(-1)
         scores, k = scores.masked_fill(future, float("-inf")), min(self.topk, n)
         if mode.exact:      # torch.topk, as transformers: its tie order depends on the shapes
@@ -224,14 +229,6 @@ class Indexer(nn.Module):
         return fake_quant(hadamard(v), 32, "fp4")
 
 
-def _append(state: dict, name: str, new: torch.Tensor, official: bool, quant) -> torch.Tensor:
-    if official:
-        new = quant(new)
-    old = state.get(name)
-    state[name] = new if old is None else torch.cat([old, new], dim=1)
-    return state[name]
-
-
 class Attention(nn.Module):
     """Shared K=V single-head attention over the sliding window plus compressed entries,
     a per-head sink logit in the softmax denominator, inverse RoPE on the output's rope
@@ -240,6 +237,7 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec, ropes: dict[str, Rope], eps: float):
         super().__init__()
         v4 = spec.v4
+        self.index = layer.index
         self.n_heads, self.head_dim, self.rope_dim = v4.num_heads, v4.head_dim, v4.rope_head_dim
         self.window, self.ratio, self.groups = v4.window, layer.compress_ratio, v4.o_groups
         self.o_lora_rank, self.eps = v4.o_lora_rank, eps
@@ -261,8 +259,11 @@ class Attention(nn.Module):
         rd = self.rope_dim
         return torch.cat([fake_quant(kv[..., :-rd], 64, "fp8"), kv[..., -rd:]], dim=-1)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None, mode: Mode) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, mode: Mode) -> torch.Tensor:
+        """x [B, T, D]: stores the step's window and compressed entries, then each query
+        attends to its window, its visible (HCA) or selected (CSA) compressed entries."""
         b, t, _ = x.shape
+        positions = step.positions
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         qr = self.q_norm(self.wq_a(x))
         q = unit_rms(self.wq_b(qr).view(b, t, self.n_heads, self.head_dim), self.eps)
@@ -270,49 +271,44 @@ class Attention(nn.Module):
         kv = apply_rope(self.norm(self.wkv(x)), cos, sin)
         if mode.official:
             kv = self._quant_kv(kv)
+        view = step.view(self.index, "window")
+        store(view, step.new_index(), kv)
+        keys = step.key_index(self.window)                                 # [B, S] positions
+        kv = gather(view, keys)                                            # [B, S, d]
 
-        # window part: the last window-1 cached tokens, then this call's tokens
-        kpos = positions
-        if state is not None:
-            past = state.get("kv")
-            if past is not None:
-                back = torch.arange(-past.shape[1], 0, device=x.device).unsqueeze(0)
-                kv, kpos = torch.cat([past, kv], dim=1), torch.cat([positions[:, :1] + back, positions], dim=1)
-            state["kv"] = kv[:, max(kv.shape[1] - (self.window - 1), 0):]
-
-        comp = cbias = None
+        comp = shared = sbias = picked = None
         if self.ratio:
-            comp = self.compressor(x, self.rope, state, "c_")
-            if state is not None:
-                comp = _append(state, "c_kv", comp, mode.official, self._quant_kv)
-            elif mode.official:
-                comp = self._quant_kv(comp)
-            n = comp.shape[1]
-            if self.indexer is not None:
-                idx = self.indexer(x, qr, positions, self.rope, state, mode)
-                cbias = torch.full((b, t, n + 1), float("-inf"), dtype=x.dtype, device=x.device)
-                cbias.scatter_(-1, torch.where(idx >= 0, idx, n), 0.0)
-                cbias = cbias[..., :n]
-            else:
-                visible = (positions + 1) // self.ratio
-                hidden = torch.arange(n, device=x.device).view(1, 1, -1) >= visible.unsqueeze(-1)
-                cbias = torch.zeros((b, t, n), dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
+            comp = step.view(self.index, "compressed")
+            self.compressor(x, step, step.view(self.index, "compressor_state"), comp, self.rope, mode,
+                            self._quant_kv if mode.official else None)
+            if self.indexer is not None:          # CSA: each query's top-k entries
+                picked = self.indexer(x, qr, step, self.index, self.rope, mode)         # [B, T, k]
+                if picked.shape[-1] == 0:
+                    picked = None
+            else:                                 # HCA: every entry complete before the query
+                entries = entry_range(torch.zeros_like(step.ends), step.ends // self.ratio)   # [B, N]
+                if entries.shape[1]:
+                    shared = gather(comp, entries)                                       # [B, N, d]
+                    visible = (positions + 1) // self.ratio
+                    done = torch.arange(entries.shape[1], device=x.device).view(1, 1, -1) < visible.unsqueeze(-1)
+                    sbias = _bias(done, x.dtype)                                         # [B, T, N]
 
-        # Queries in chunks: a chunk only sees window keys from its first query's window start
-        # to its last query, so the window part costs O(T * (W + chunk)) instead of O(T^2).
+        # Queries in chunks: a chunk's window keys span at most chunk + 2*window - 2 columns of
+        # `keys` (rows start their key range up to window-1 positions before their first query),
+        # so the window part costs O(T * (W + chunk)) instead of O(T^2).
         chunk = max(self.window, 64)
-        past = kv.shape[1] - t
         outs = []
         for s in range(0, t, chunk):
             e = min(s + chunk, t)
-            lo, hi = max(past + s - self.window + 1, 0), past + e
-            delta = positions[:, s:e].unsqueeze(-1) - kpos[:, lo:hi].unsqueeze(1)       # [B, C, S]
-            bias = torch.zeros(delta.shape, dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill((delta < 0) | (delta >= self.window), float("-inf"))
-            keys = kv[:, lo:hi]
-            if comp is not None:
-                keys, bias = torch.cat([keys, comp], dim=1), torch.cat([bias, cbias[:, s:e]], dim=-1)
-            outs.append(sink_attention(q[:, s:e], keys, bias, self.attn_sink, self.head_dim ** -0.5))
+            lo, hi = max(s - self.window + 1, 0), min(e + self.window - 1, keys.shape[1])
+            qp, kp = positions[:, s:e, None], keys[:, None, lo:hi]
+            win, bias = kv[:, lo:hi], _bias((kp >= 0) & (kp <= qp) & (kp > qp - self.window), x.dtype)
+            if shared is not None:
+                win, bias = torch.cat([win, shared], dim=1), torch.cat([bias, sbias[:, s:e]], dim=-1)
+            own = own_bias = None
+            if picked is not None:
+                own, own_bias = gather(comp, picked[:, s:e]), _bias(picked[:, s:e] >= 0, x.dtype)
+            outs.append(sink_attention(q[:, s:e], win, bias, self.attn_sink, self.head_dim ** -0.5, own, own_bias))
         o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         o = apply_rope(o, cos, sin, inverse=True)
         o = o.reshape(b, t, self.groups, -1)
@@ -321,15 +317,28 @@ class Attention(nn.Module):
         return self.wo_b(o.flatten(2))
 
 
-def sink_attention(q, kv, bias, sink, scale):
-    """q [B, T, H, D], kv [B, S, D] (K = V), bias [B, T, S] additive mask; the sink logit of
-    each head joins the softmax denominator only."""
-    h = q.shape[2]
-    logits = torch.matmul(q.transpose(1, 2), kv.transpose(1, 2).unsqueeze(1)) * scale + bias.unsqueeze(1)
+def _bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask: 0 where visible, -inf elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def sink_attention(q, kv, bias, sink, scale, own=None, own_bias=None):
+    """q [B, T, H, D]; kv [B, S, D] keys (K = V) shared by all queries, bias [B, T, S] additive
+    mask; own [B, T, K, D] keys of each query alone (CSA's selected entries), own_bias [B, T, K].
+    The sink logit of each head joins the softmax denominator only."""
+    h, s = q.shape[2], kv.shape[1]
+    qh = q.transpose(1, 2)                                                               # [B, H, T, D]
+    logits = torch.matmul(qh, kv.transpose(1, 2).unsqueeze(1)) * scale + bias.unsqueeze(1)
+    if own is not None:
+        mine = torch.einsum("bhtd,btkd->bhtk", qh, own) * scale + own_bias.unsqueeze(1)
+        logits = torch.cat([logits, mine], dim=-1)                                      # [B, H, T, S + K]
     # softmax over [logits, sink] without materialising the extra column
     lse = torch.logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), sink.to(logits.dtype).view(1, h, 1, 1))
     probs = torch.exp(logits - lse)
-    return torch.matmul(probs, kv.unsqueeze(1)).transpose(1, 2)                # [B, T, H, D]
+    out = torch.matmul(probs[..., :s], kv.unsqueeze(1))
+    if own is not None:
+        out = out + torch.einsum("bhtk,btkd->bhtd", probs[..., s:], own)
+    return out.transpose(1, 2)                                                           # [B, T, H, D]
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -456,9 +465,9 @@ class Block(nn.Module):
         # comb is applied transposed: stream k receives sum_j comb[j, k] * x_j
         return post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(x.dtype).transpose(-1, -2), x)
 
-    def forward(self, x, positions, ids, cache: Cache | None, mode: Mode):
-        state = cache.layer(self.index) if cache is not None else None
-        x = self._mix(x, lambda h: self.attn(self.attn_norm(h), positions, state, mode),
+    def forward(self, x, step: Step, ids, mode: Mode):
+        """x [B, T, n, d] streams; the attention caches under this layer's index."""
+        x = self._mix(x, lambda h: self.attn(self.attn_norm(h), step, mode),
                       self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, mode)
         return self._mix(x, lambda h: self.ffn(self.ffn_norm(h), ids),
                          self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, mode)
@@ -481,9 +490,9 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.zeros(n))
         self.hc_head_scale = nn.Parameter(torch.zeros(1))
 
-    def forward(self, h, emb, positions, ids, cache, mode):
+    def forward(self, h, emb, step: Step, ids, mode: Mode):
         x = self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        x = super().forward(x, positions, ids, cache, mode)
+        x = super().forward(x, step, ids, mode)
         return x, self.norm(hc_collapse(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base,
                                         self.eps, self.hc_eps, mode))
 
@@ -535,28 +544,49 @@ class DeepseekV4(nn.Module):
         for name, rope in make_ropes(self.spec, reference).items():
             self.ropes[name].__dict__.update(rope.__dict__)
 
+    @property
+    def mode(self) -> Mode:
+        return Mode(self.reference == "official", self.exact_fp32)
+
+    def cache_layers(self) -> tuple[LayerSpec, ...]:
+        """The layers whose cache streams the pools hold: the main ones and the loaded MTP blocks'."""
+        return self.spec.layers + self.spec.mtp_layers[:len(self.mtp)]
+
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, mtp_ids: torch.Tensor | None = None):
-        """logits [B, T, V]; with `mtp_ids` (the token after each position) and an MTP block
-        loaded, returns (logits, draft_logits) where draft_logits[:, t] predicts token t+2."""
-        b, t = input_ids.shape
-        start = cache.length if cache is not None else 0
-        positions = (start + torch.arange(t, device=input_ids.device)).unsqueeze(0).expand(b, t)
-        mode = Mode(self.reference == "official", self.exact_fp32)
-        m = self.model
+        """logits [B, T, V] of input_ids [B, T] appended to `cache` (none: a fresh sequence);
+        with `mtp_ids` (the token after each position) and an MTP block loaded, returns
+        (logits, draft_logits) where draft_logits[:, t] predicts token t+2. The MTP blocks
+        cache only the steps given mtp_ids, so pass them on every step of a sequence."""
+        cache = Cache() if cache is None else cache
+        step = cache.step(self, input_ids, self.head.weight.dtype)
+        h = self.hidden(input_ids, step)
+        draft = self.draft(h, mtp_ids, step) if mtp_ids is not None else None
+        cache.advance(input_ids)
+        logits = self.logits(h)
+        return logits if mtp_ids is None else (logits, draft)
+
+    def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """The mHC streams [B, T, n, d] after the last block, over the step's cache views."""
+        mode, m = self.mode, self.model
         h = m.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
         for layer in m.layers:
-            h = layer(h, positions, input_ids, cache, mode)
-        hc = m.hc_head
-        logits = self.head(m.norm(hc_collapse(h, hc.hc_fn, hc.hc_scale, hc.hc_base, self.eps, self.hc_eps, mode)))
-        draft = None
-        if mtp_ids is not None and len(self.mtp):
-            x = h
-            for block in self.mtp:
-                x, out = block(x, m.embed_tokens(mtp_ids), positions, mtp_ids, cache, mode)
-                draft = self.head(out)
-        if cache is not None:
-            cache.length += t
-        return logits if mtp_ids is None else (logits, draft)
+            h = layer(h, step, input_ids, mode)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Streams [..., n, d] -> logits [..., V] through the hc head and the final norm."""
+        hc = self.model.hc_head
+        return self.head(self.model.norm(hc_collapse(h, hc.hc_fn, hc.hc_scale, hc.hc_base, self.eps, self.hc_eps,
+                                                     self.mode)))
+
+    def draft(self, h: torch.Tensor, mtp_ids: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """Draft logits [B, T, V] of the MTP blocks from the main streams h and the next tokens
+        mtp_ids [B, T] (None without an MTP block); they store their entries in the step."""
+        mode, emb, out = self.mode, self.model.embed_tokens(mtp_ids), None
+        x = h
+        for block in self.mtp:
+            x, out = block(x, emb, step, mtp_ids, mode)
+        return self.head(out) if out is not None else None
 
 
 # ----------------------------------------------------------------------------- family API
