@@ -38,9 +38,9 @@ CONFIGS = {
 }
 
 
-def make_checkpoint(path, name: str, seed: int = 0):
+def make_checkpoint(path, name: str, seed: int = 0, **over):
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-    opts = dict(CONFIGS[name])
+    opts = {**CONFIGS[name], **over}
     batch, seq = opts.pop("batch"), opts.pop("seq")
     base = dict(vocab_size=96, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=len(opts["layer_types"]),
                 num_attention_heads=4, head_dim=16, q_lora_rank=16, partial_rotary_factor=0.5, num_experts_per_tok=2,

@@ -59,3 +59,32 @@ def decode(llm: LLM, batch: int, context: int, tokens: int = 32, seed: int = 0) 
 def _sync(llm: LLM) -> None:
     if llm.device.type == "cuda":
         torch.cuda.synchronize(llm.device)
+
+
+def decode_at(llm: LLM, context: int, tokens: int = 16, seed: int = 0) -> dict:
+    """Decode step time of one sequence at `context` tokens, without paying for the prefill:
+    the cache pages are filled with random entries and the sequence is marked as computed.
+    The work a decode step does depends on how many entries it reads, not on their values,
+    so this times long contexts a CPU could not prefill in reasonable time."""
+    (prompt,) = _prompts(llm, 1, context, seed)
+    llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
+    seq = llm.scheduler.waiting.popleft()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for t in llm.manager.pools.pages.values():
+        if t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype))
+    seq.num_computed = context - 1                  # only the last prompt token is left to run
+    llm.manager.allocate(seq, context)
+    seq.status = type(seq.status).RUNNING
+    llm.scheduler.running.append(seq)
+    llm.step()                                      # warm-up step (also the prompt's last token)
+    _sync(llm)
+    t0 = time.perf_counter()
+    steps = 0
+    while llm.scheduler.has_work():
+        llm.step()
+        steps += 1
+    _sync(llm)
+    dt = time.perf_counter() - t0
+    return {"mode": "decode_at", "context": context, "steps": steps, "step_ms": 1e3 * dt / max(steps, 1),
+            "cache_bytes_per_seq": llm.cache_bytes(context)}

@@ -38,8 +38,6 @@ class LLM:
         for name, v, low in (("max_num_seqs", max_num_seqs, 1), ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise TierlmError(f"{name} must be an integer >= {low}, got {v!r}")
-        if speculative is not None:
-            raise TierlmError("speculative decoding is not available in this build of the engine")
         try:
             device = torch.device(device) if device is not None else None
         except RuntimeError:
@@ -64,13 +62,21 @@ class LLM:
             raise TierlmError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
         if self.max_model_len > spec.max_position:
             raise TierlmError(f"max_model_len {self.max_model_len} exceeds the model's {spec.max_position} positions")
-        self.layers = self.model.cache_layers()
+        self.speculator = None
+        if speculative is not None:
+            from .speculative import MTPSpeculator
+            self.speculator = MTPSpeculator.check(self.model, speculative)
+        self.layers = self.model.cache_layers() if self.speculator else self.model.cache_layers()[:spec.num_layers]
         per_block = CachePools.block_bytes(spec, self.layers, self.block, self.dtype, self.kv_dtype, self.indexer_dtype)
         blocks = self._blocks(per_block, cache_bytes, max_num_seqs, max_num_batched_tokens)
         pools = CachePools(spec, self.layers, blocks, self.block, self.dtype, self.kv_dtype, self.indexer_dtype,
                            self.device)
-        self.manager = CacheManager(pools, self.fingerprint(reference), enable_prefix_caching)
-        self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens)
+        self.manager = CacheManager(pools, self.fingerprint(reference), enable_prefix_caching,
+                                    keep_last_block=self.speculator is not None)
+        k = self.speculator.k if self.speculator else 0
+        self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=2 * k)
+        if self.speculator is not None:
+            self.speculator.bind(self)
         self.chunk = max_num_batched_tokens
         self.tokenizer = _tokenizer(self.path)
         self.eos = _eos_ids(self.path)
@@ -121,7 +127,8 @@ class LLM:
         return {"cache_bytes_in_use": self.manager.bytes_in_use(), "blocks_in_use": self.manager.blocks_in_use(),
                 "cache_bytes_total": self.manager.pools.nbytes(), "prefix_hit_tokens": self.manager.hit_tokens,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "num_preemptions": self.scheduler.num_preemptions, "spec_acceptance_rate": None}
+                "num_preemptions": self.scheduler.num_preemptions,
+                "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else None}
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -187,55 +194,72 @@ class LLM:
         batch, prefill = self.scheduler.schedule()
         if not batch:
             return []
-        h = self._forward(batch)
-        rows, seqs = [], []
-        for r, (seq, n) in enumerate(batch):
-            seq.num_computed += n
-            if seq.num_computed == len(seq):          # the row's last token: sample after it
-                rows.append((r, n - 1))
-                seqs.append(seq)
-        touched = {}
-        if rows:
-            idx_r = torch.tensor([r for r, _ in rows], device=h.device)
-            idx_t = torch.tensor([t for _, t in rows], device=h.device)
-            logits = self.model.logits(h[idx_r, idx_t].unsqueeze(1))[:, 0]
-            for seq, tok in zip(seqs, sample(logits, seqs)):
-                seq.token_ids.append(tok)
-                self._check_stop(seq)
-                touched[seq.request_id] = True
+        step = self._step(batch)
+        h = self.model.hidden(self._ids(batch).to(self.device), step)
+        if self.speculator is not None and not prefill:
+            touched = self.speculator.verify(batch, step, h)
+        else:
+            touched = self._sample_last(batch, h)
+            if self.speculator is not None:
+                self.speculator.after_prefill(batch, step, h)
         for seq, _ in batch:
             if seq.status is Status.RUNNING:
                 self.manager.commit(seq)
                 self.manager.trim(seq)
                 if seq.finish_reason is not None:
                     self.scheduler.finish(seq)
-        return [self._output(rid) for rid in touched]
+        return [self._output(rid) for rid in dict.fromkeys(touched)]
 
-    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _sample_last(self, batch: list[tuple[Sequence, int]], h: torch.Tensor) -> list[str]:
+        """Count the step's tokens as cached; sample after each row that reached its last token."""
+        rows, seqs = [], []
+        for r, (seq, n) in enumerate(batch):
+            seq.num_computed += n
+            if seq.num_computed == len(seq):
+                rows.append((r, n - 1))
+                seqs.append(seq)
+        if not rows:
+            return []
+        idx_r = torch.tensor([r for r, _ in rows], device=h.device)
+        idx_t = torch.tensor([t for _, t in rows], device=h.device)
+        logits = self.model.logits(h[idx_r, idx_t].unsqueeze(1))[:, 0]
+        for seq, tok in zip(seqs, sample(logits, seqs)):
+            seq.token_ids.append(tok)
+            self._check_stop(seq)
+        return [s.request_id for s in seqs]
+
+    @staticmethod
+    def _ids(batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """[B, T] the step's tokens (a decode row under speculation: its last token + drafts), 0-padded."""
+        ids = torch.zeros(len(batch), max(n for _, n in batch), dtype=torch.long)
+        for r, (seq, n) in enumerate(batch):
+            s = seq.num_computed
+            ids[r, :n] = torch.tensor((seq.token_ids + seq.drafts)[s:s + n])
+        return ids
+
+    def _step(self, batch: list[tuple[Sequence, int]]):
+        """The Step for rows starting at each sequence's num_computed with n new tokens each."""
         from ..model.ops import Step
         dev = self.device
         seqs = [s for s, _ in batch]
         t = max(n for _, n in batch)
-        ids = torch.zeros(len(batch), t, dtype=torch.long)
         positions = torch.zeros(len(batch), t, dtype=torch.long)
         valid = torch.zeros(len(batch), t, dtype=torch.bool)
         c = getattr(self.model, "history", 0)
         history = torch.full((len(batch), c), -1, dtype=torch.long)
         for r, (seq, n) in enumerate(batch):
             s = seq.num_computed
-            ids[r, :n] = torch.tensor(seq.token_ids[s:s + n])
             positions[r] = s
             positions[r, :n] = torch.arange(s, s + n)
             valid[r, :n] = True
             if c and s:
                 past = seq.token_ids[max(0, s - c):s]
                 history[r, c - len(past):] = torch.tensor(past)
-        step = Step(positions=positions.to(dev), valid=valid.to(dev),
+        return Step(positions=positions.to(dev), valid=valid.to(dev),
                     starts=torch.tensor([s.num_computed for s in seqs], device=dev),
                     lens=torch.tensor([n for _, n in batch], device=dev),
                     views=self.manager.pools.views(self.manager.tables(seqs, dev)),
                     history=history.to(dev) if c else None)
-        return self.model.hidden(ids.to(dev), step)
 
     def _check_stop(self, seq: Sequence) -> None:
         p, tok = seq.params, seq.token_ids[-1]

@@ -21,8 +21,11 @@ from .sequence import Sequence
 
 
 class CacheManager:
-    def __init__(self, pools: CachePools, root: bytes, prefix_caching: bool = True):
+    def __init__(self, pools: CachePools, root: bytes, prefix_caching: bool = True, keep_last_block: bool = False):
+        """keep_last_block: a hit gives back its last matched block (MTP draft layers: the draft's
+        entry at a block's last position depends on the next block's first token)."""
         self.pools, self.root, self.prefix_caching = pools, root, prefix_caching
+        self.drop = int(keep_last_block)
         self.block = pools.block
         self.groups = pools.groups
         self.bp = {g: BlockPool(pools.blocks[g]) for g in self.groups}
@@ -112,6 +115,7 @@ class CacheManager:
         n = len(chain)
         if 0 in self.groups:
             n = next((i for i in range(len(chain)) if hit(0, i) is None), len(chain))
+        n = max(0, n - self.drop)
         while n > 0 and not all(hit(g, i) is not None for g in self.groups if g
                                 for i in self.span(g, n * self.block, n * self.block)):
             n -= 1

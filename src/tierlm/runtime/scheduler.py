@@ -17,11 +17,10 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, manager: CacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: int = 0):
+    def __init__(self, manager: CacheManager, max_num_seqs: int, max_num_batched_tokens: int, reserve: int = 0):
         self.manager = manager
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
-        self.lookahead = lookahead          # draft tokens verified per decode step
+        self.reserve = reserve              # extra positions a decode step may write (draft chains)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -44,18 +43,18 @@ class Scheduler:
                 break
             if seq.status is Status.RUNNING and self.prefilling(seq):
                 n = min(len(seq) - seq.num_computed, budget)
-                if self._reserve(seq, seq.num_computed + n):
+                if self._reserve(seq, seq.num_computed + n + self.reserve):
                     batch.append((seq, n))
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.manager.match(seq)
             n = min(len(seq) - seq.num_computed, budget)
-            if not self.manager.can_allocate(seq, seq.num_computed + n):
+            if not self.manager.can_allocate(seq, seq.num_computed + n + self.reserve):
                 self.manager.free(seq)
                 seq.num_computed = 0
                 break
-            self.manager.allocate(seq, seq.num_computed + n)
+            self.manager.allocate(seq, seq.num_computed + n + self.reserve)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             seq.num_cached_prompt = max(seq.num_cached_prompt, min(seq.num_computed, seq.num_prompt))
@@ -67,8 +66,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue                                 # preempted below, in this loop
-            n = 1 + self.lookahead
-            if self._reserve(seq, seq.num_computed + n):
+            n = 1 + len(seq.drafts)
+            if self._reserve(seq, seq.num_computed + n + self.reserve):
                 batch.append((seq, n))
         return batch, False
 
@@ -86,7 +85,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.manager.free(seq)
-        seq.num_computed = 0
+        seq.num_computed, seq.drafts = 0, []
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

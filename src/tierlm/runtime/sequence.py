@@ -102,7 +102,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival: int = 0
     generator: object = None        # torch.Generator for seeded sampling
-    draft_hidden: object = None     # speculative decoding: last hidden state for the draft head
+    drafts: list[int] = field(default_factory=list)         # speculative tokens to verify next step
 
     def __post_init__(self):
         if not self.token_ids:

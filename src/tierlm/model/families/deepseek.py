@@ -591,6 +591,12 @@ class DeepseekForCausalLM(nn.Module):
         """MTP draft logits [B,T,V]: from the main model's hidden states h_i [B,T,D] (before the
         final norm) at the step's positions and the next tokens t_{i+1} [B,T], predict t_{i+2}.
         The MTP block stores and reads its latents under its own layer index in `step`."""
+        return self.draft_step(hidden, next_ids, step, depth)[1]
+
+    def draft_step(self, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step,
+                   depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MTP block's output [B,T,D] before its norm, draft logits [B,T,V]); the output
+        stands in for h when drafting the token after next."""
         if depth >= self.num_mtp_layers:
             raise TierlmError("this checkpoint has no MTP layer "
                               f"model.layers.{self.args.n_layers + depth}.*")
@@ -600,7 +606,7 @@ class DeepseekForCausalLM(nn.Module):
         x = blk.eh_proj(torch.cat([e, blk.hnorm(hidden)], dim=-1))
         x = self._run([blk], x, step)
         head = blk.shared_head.head.weight if hasattr(blk.shared_head, "head") else self.head_weight()
-        return F.linear(blk.shared_head.norm(x), head)
+        return x, F.linear(blk.shared_head.norm(x), head)
 
     def forward_with_draft(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B,T,V], draft logits [B,T-1,V]) for a full sequence (teacher forcing)."""

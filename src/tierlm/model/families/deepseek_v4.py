@@ -579,6 +579,16 @@ class DeepseekV4(nn.Module):
         return self.head(self.model.norm(hc_collapse(h, hc.hc_fn, hc.hc_scale, hc.hc_base, self.eps, self.hc_eps,
                                                      self.mode)))
 
+    @property
+    def num_mtp_layers(self) -> int:
+        return len(self.mtp)
+
+    def draft_step(self, h: torch.Tensor, next_ids: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the first MTP block's output streams [B, T, n, d], its draft logits [B, T, V]); the
+        streams stand in for h when drafting the token after next (speculative decoding)."""
+        x, out = self.mtp[0](h, self.model.embed_tokens(next_ids), step, next_ids, self.mode)
+        return x, self.head(out)
+
     def draft(self, h: torch.Tensor, mtp_ids: torch.Tensor, step: Step) -> torch.Tensor | None:
         """Draft logits [B, T, V] of the MTP blocks from the main streams h and the next tokens
         mtp_ids [B, T] (None without an MTP block); they store their entries in the step."""
