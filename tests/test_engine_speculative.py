@@ -101,8 +101,8 @@ def oracle(llm, full: list[int], right):
     """Make the MTP head propose the reference token at position p + 2 where right(p), else a wrong one."""
     real = llm.model.draft_step
 
-    def draft_step(h, nxt, step, depth=0):
-        x, logits = real(h, nxt, step, depth)
+    def draft_step(h, nxt, step):
+        x, logits = real(h, nxt, step)
         logits = torch.zeros_like(logits)
         for r in range(logits.shape[0]):
             for t, p in enumerate(step.positions[r].tolist()):

@@ -178,6 +178,25 @@ def test_wrong_type_or_range_for_a_required_integer_names_it(model_id, data):
     assert_one_line_error(plan_config(json.dumps(cfg, allow_nan=True)), key)
 
 
+# Numbers the model families read (norm eps, RoPE bases, router scale, clamps, mHC): where a
+# registry config has one, a wrong type, NaN, an infinity or a negative value names it.
+NUMERIC_KEYS = ("rms_norm_eps", "rope_theta", "compress_rope_theta", "routed_scaling_factor", "swiglu_limit",
+                "hc_eps", "query_pre_attn_scalar")
+NUMERIC = {mid: [(p, k) for p, k in ALL_KEYS[mid] if k in NUMERIC_KEYS] for mid in IDS}
+
+
+@pytest.mark.parametrize("model_id", [mid for mid in IDS if NUMERIC[mid]])
+@settings(max_examples=8, **SETTINGS)
+@given(data=st.data())
+def test_bad_numeric_field_names_it(model_id, data):
+    path, key = data.draw(st.sampled_from(NUMERIC[model_id]), label="field")
+    value = data.draw(st.sampled_from([float("nan"), float("inf"), -1.0, -1, "1e-6", [1.0], True, {"value": 1}]),
+                      label="value")
+    cfg = copy.deepcopy(ENTRIES[model_id].config)
+    _path_get(cfg, path)[key] = value
+    assert_one_line_error(plan_config(json.dumps(cfg, allow_nan=True)), key)
+
+
 # Keys that look like config keys but are read by nobody; the parser must name them.
 UNKNOWN_KEYS = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_.\-]{0,24}\Z").filter(
     lambda k: k not in METADATA_KEYS).map(lambda k: "zz_" + k)

@@ -1,6 +1,7 @@
 """Registry entries parse, round-trip through config.json files, and match published sizes."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from tierlm.errors import ConfigError
 from tierlm.plan.memory import active_params, weights
 from tierlm.spec import entries, load_spec, parse_config, resolve
+from tierlm.spec.model import RopeConfig, RouterConfig
 from tierlm.spec.params import engram_table_rows
 
 ALL = sorted(entries())
@@ -153,3 +155,147 @@ def test_engram_primes_match_the_demo():
     tables = sum(rows) * 64
     assert w["engram"].params > tables
     assert abs(tables / 2 - 662e6) / 662e6 < 0.01
+
+
+# ---------------------------------------------------------------------------- typed numerics
+def _registry(model_id, **changes):
+    """A registry config (its text_config for wrappers) with keys replaced (None: deleted)."""
+    cfg = json.loads(json.dumps(entries()[model_id].config))
+    inner = cfg["text_config"] if "text_config" in cfg else cfg
+    for k, v in changes.items():
+        if v is None:
+            inner.pop(k, None)
+        else:
+            inner[k] = v
+    return cfg
+
+
+def test_typed_numerics_of_registry_models():
+    """What the family code reads comes from the config, typed: eps, RoPE, router, extras."""
+    llama = load_spec("meta-llama/Llama-3.1-8B-Instruct")
+    assert llama.norm_eps == 1e-5
+    assert (llama.rope.kind, llama.rope.theta, llama.rope.factor, llama.rope.original_max_position,
+            llama.rope.dim) == ("llama3", 500000.0, 8.0, 8192, 128)
+    oss = load_spec("openai/gpt-oss-20b")
+    assert (oss.rope.kind, oss.rope.truncate, oss.moe.swiglu_limit, oss.moe.swiglu_alpha) == ("yarn", False, 7.0, 1.702)
+    assert oss.rope.attention_factor == 0.1 * math.log(32.0) + 1.0          # yarn's mscale(factor)
+    v3 = load_spec("deepseek-ai/DeepSeek-V3").moe.router
+    assert (v3.scoring, v3.scale, v3.norm_topk_prob, v3.group_limited, v3.n_group, v3.topk_group) == \
+        ("sigmoid", 2.5, True, True, 8, 4)
+    v4 = load_spec("deepseek-ai/DeepSeek-V4-Flash")
+    assert (v4.rope.kind, v4.rope.theta, v4.rope.interleave) == ("default", 10000.0, True)
+    c = v4.v4.compress_rope
+    assert (c.kind, c.theta, c.factor, c.original_max_position, c.attention_factor) == ("yarn", 160000.0, 16.0, 65536, 1.0)
+    assert (v4.v4.hc_eps, v4.v4.hc_sinkhorn_iters, v4.moe.swiglu_limit, v4.quant.scale_fmt) == (1e-6, 20, 10.0, "ue8m0")
+    gemma = load_spec("google/gemma-3-27b-it")
+    assert (gemma.rope.kind, gemma.rope.factor, gemma.rope.theta, gemma.gemma.sliding_rope.theta) == \
+        ("linear", 8.0, 1e6, 1e4)
+    assert gemma.gemma.query_pre_attn_scalar == 168.0 and gemma.gemma.final_logit_softcapping is None
+    assert load_spec("MiniMaxAI/MiniMax-M2").rope.dim == 64                # legacy rotary_dim, head_dim 128
+
+
+@pytest.mark.parametrize("model_id,deleted,read", [
+    # transformers 5.23.0 config class defaults (configuration_<family>.py)
+    ("mistralai/Mixtral-8x7B-v0.1", ("rope_theta", "rms_norm_eps"), lambda s: (s.rope.theta, s.norm_eps) == (1e6, 1e-5)),
+    ("openai/gpt-oss-20b", ("rope_theta", "rope_scaling", "swiglu_limit", "rms_norm_eps"),
+     lambda s: (s.rope.theta, s.rope.kind, s.moe.swiglu_limit, s.norm_eps) == (150000.0, "default", 7.0, 1e-5)),
+    ("MiniMaxAI/MiniMax-M2", ("rope_theta", "rotary_dim"), lambda s: (s.rope.theta, s.rope.dim) == (5e6, 128)),
+    ("Qwen/Qwen3-8B", ("rope_theta", "rms_norm_eps"), lambda s: (s.rope.theta, s.norm_eps) == (10000.0, 1e-6)),
+    ("deepseek-ai/DeepSeek-V2-Lite", ("scoring_func", "topk_method", "norm_topk_prob", "routed_scaling_factor"),
+     lambda s: s.moe.router == RouterConfig("softmax", 1.0, False, False, 1, 1)),
+    ("deepseek-ai/DeepSeek-V3", ("scoring_func", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob"),
+     lambda s: s.moe.router == RouterConfig("sigmoid", 2.5, True, True, 8, 4)),
+    ("deepseek-ai/DeepSeek-V3", ("rope_scaling",), lambda s: s.rope == RopeConfig(10000.0, 64, interleave=True)),
+    ("zai-org/GLM-5", ("rms_norm_eps", "n_group", "topk_group"),
+     lambda s: (s.norm_eps, s.moe.router.n_group, s.moe.router.topk_group) == (1e-5, 1, 1)),
+    ("deepseek-ai/DeepSeek-V4-Pro", ("scoring_func", "routed_scaling_factor", "swiglu_limit", "hc_eps",
+                                     "hc_sinkhorn_iters", "compress_rope_theta", "rope_scaling"),
+     lambda s: (s.moe.router.scoring, s.moe.router.scale, s.moe.swiglu_limit, s.v4.hc_eps, s.v4.hc_sinkhorn_iters,
+                s.v4.compress_rope) == ("sqrtsoftplus", 1.5, 10.0, 1e-6, 20, RopeConfig(160000.0, 64, interleave=True))),
+    ("google/gemma-3-27b-it", ("rope_scaling", "query_pre_attn_scalar"),
+     lambda s: (s.rope, s.gemma.query_pre_attn_scalar) == (RopeConfig(1e6, 128), 256.0)),
+])
+def test_family_defaults(model_id, deleted, read):
+    spec = parse_config(_registry(model_id, **dict.fromkeys(deleted)), model_id)
+    assert read(spec), spec
+
+
+def test_official_deepseek_defaults_and_v4_yarn():
+    """Official (ModelArgs) configs: V3's router defaults are ModelArgs' (softmax, scale 1, no
+    groups), and V4's original_seq_len / rope_factor / beta_* are the compressed layers' YaRN."""
+    v3 = {"vocab_size": 1000, "dim": 64, "inter_dim": 128, "moe_inter_dim": 32, "n_layers": 2, "n_heads": 4,
+          "n_routed_experts": 8, "n_activated_experts": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+          "qk_rope_head_dim": 8, "v_head_dim": 8, "max_seq_len": 4096}
+    assert parse_config(v3).moe.router == RouterConfig("softmax", 1.0, True, True, 1, 1)
+    v4 = dict(entries()["deepseek-ai/DeepSeek-V4-Flash"].config)
+    official = {"dim": v4["hidden_size"], "n_layers": v4["num_hidden_layers"], "n_heads": v4["num_attention_heads"],
+                "head_dim": v4["head_dim"], "rope_head_dim": 64, "q_lora_rank": v4["q_lora_rank"],
+                "o_groups": v4["o_groups"], "o_lora_rank": v4["o_lora_rank"], "window_size": 128,
+                "vocab_size": v4["vocab_size"], "moe_inter_dim": v4["moe_intermediate_size"],
+                "n_routed_experts": v4["n_routed_experts"], "n_shared_experts": 1, "n_activated_experts": 6,
+                "n_hash_layers": 3, "hc_mult": 4, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512,
+                "compress_ratios": v4["compress_ratios"], "compress_rope_theta": 160000.0,
+                "original_seq_len": 65536, "rope_factor": 16, "beta_fast": 32, "beta_slow": 1}
+    spec = parse_config(official)
+    assert spec.max_position == 65536 * 16
+    assert spec.v4.compress_rope == load_spec("deepseek-ai/DeepSeek-V4-Flash").v4.compress_rope
+    del official["original_seq_len"]
+    official["max_seq_len"] = 4096
+    assert parse_config(official).v4.compress_rope.kind == "default"
+
+
+@pytest.mark.parametrize("model_id,changes,field", [
+    ("Qwen/Qwen3-8B", dict(rms_norm_eps=float("nan")), "rms_norm_eps"),
+    ("Qwen/Qwen3-8B", dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+    ("Qwen/Qwen3-8B", dict(rms_norm_eps="1e-6"), "rms_norm_eps"),
+    ("Qwen/Qwen3-8B", dict(rope_theta=0), "rope_theta"),
+    ("Qwen/Qwen3-8B", dict(rope_theta=float("inf")), "rope_theta"),
+    ("Qwen/Qwen3-8B", dict(rope_scaling={"rope_type": "bogus", "factor": 2.0}), "rope_type"),
+    ("Qwen/Qwen3-8B", dict(rope_scaling={"rope_type": "linear"}), "rope_scaling.factor"),
+    ("Qwen/Qwen3-8B", dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "fator": 3.0}), "rope_scaling.fator"),
+    ("Qwen/Qwen3-8B", dict(rope_scaling="yarn"), "rope_scaling"),
+    ("meta-llama/Llama-3.1-8B-Instruct", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+    ("openai/gpt-oss-20b", dict(swiglu_limit=-7.0), "swiglu_limit"),
+    ("openai/gpt-oss-20b", dict(rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 0}), "beta_fast"),
+    ("MiniMaxAI/MiniMax-M2", dict(scoring_func="softmax"), "scoring_func"),
+    ("MiniMaxAI/MiniMax-M2", dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
+    ("MiniMaxAI/MiniMax-M2", dict(rotary_dim=1), "rotary_dim"),
+    ("deepseek-ai/DeepSeek-V3", dict(scoring_func="tanh"), "scoring_func"),
+    ("deepseek-ai/DeepSeek-V3", dict(topk_method="greedy"), "topk_method"),
+    ("deepseek-ai/DeepSeek-V3", dict(n_group=7), "n_group"),
+    ("deepseek-ai/DeepSeek-V3", dict(topk_group=9), "topk_group"),
+    ("deepseek-ai/DeepSeek-V3", dict(routed_scaling_factor=True), "routed_scaling_factor"),
+    ("deepseek-ai/DeepSeek-V3", dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_type"),
+    ("deepseek-ai/DeepSeek-V2-Lite", dict(topk_method="random"), "topk_method"),
+    ("zai-org/GLM-5", dict(rope_interleave=False), "rope_interleave"),
+    ("deepseek-ai/DeepSeek-V4-Flash", dict(hc_sinkhorn_iters=0), "hc_sinkhorn_iters"),
+    ("deepseek-ai/DeepSeek-V4-Flash", dict(hc_eps=float("nan")), "hc_eps"),
+    ("deepseek-ai/DeepSeek-V4-Flash", dict(scoring_func="relu"), "scoring_func"),
+    ("deepseek-ai/DeepSeek-V4-Flash", dict(compress_rope_theta=-1), "compress_rope_theta"),
+    ("google/gemma-3-27b-it", dict(hidden_activation="relu"), "hidden_activation"),
+    ("google/gemma-3-27b-it", dict(final_logit_softcapping=0), "final_logit_softcapping"),
+    ("google/gemma-3-27b-it", dict(rope_parameters={"rope_type": "default"}), "rope_parameters.rope_type"),
+])
+def test_bad_numeric_fields_are_one_line_errors(model_id, changes, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as e:
+        parse_config(_registry(model_id, **changes), model_id)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_scale_fmt_is_named():
+    cfg = _registry("deepseek-ai/DeepSeek-V3.2")
+    cfg["quantization_config"]["scale_fmt"] = "e8m0"
+    with pytest.raises(ConfigError, match=r"quantization_config\.scale_fmt"):
+        parse_config(cfg)
+
+
+def test_typed_fields_are_hashable_and_compared():
+    """Specs key the planner's caches: the new fields hash, and a RoPE or eps change makes a
+    different spec."""
+    a = load_spec("deepseek-ai/DeepSeek-V4-Flash")
+    b = parse_config(_registry("deepseek-ai/DeepSeek-V4-Flash"), "deepseek-ai/DeepSeek-V4-Flash")
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    for changes in (dict(rms_norm_eps=1e-5), dict(compress_rope_theta=1e5), dict(swiglu_limit=3.0)):
+        c = parse_config(_registry("deepseek-ai/DeepSeek-V4-Flash", **changes), "deepseek-ai/DeepSeek-V4-Flash")
+        assert c != a
+    hash(load_spec("google/gemma-3-27b-it"))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TierlmError
+from ..spec.model import RopeConfig
 
 
 class RMSNorm(nn.Module):
@@ -34,68 +34,39 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _rope_kind(scaling: dict | None) -> str | None:
-    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-
-
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None, device=None,
-                  max_position: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse frequencies for default, linear, llama3 and yarn RoPE scaling, computed in
-    `dtype` (float32, as the references do, unless a family asks for more).
-
-    max_position (config max_position_embeddings) is only read by yarn, as the default of
-    original_max_position_embeddings and, without a factor, of the factor's numerator."""
+def rope_inv_freq(rope: RopeConfig, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse frequencies [rope.dim / 2] for default, linear, llama3 and yarn RoPE scaling,
+    computed in `dtype` (float32, as the references do, unless a family asks for more)."""
+    dim, theta = rope.dim, rope.theta
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim))
-    kind = _rope_kind(scaling)
-    if kind in (None, "default"):
+    if rope.kind == "default":
         return inv
-    if kind == "yarn":
-        return _yarn_inv_freq(dim, theta, scaling, max_position, device, dtype)
-    if kind == "linear":
-        return inv / float(scaling["factor"])
-    if kind == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / low, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        is_mid = ~(wavelen < old / high) & ~(wavelen > old / low)
-        return torch.where(is_mid, mid, scaled)
-    raise TierlmError(f"rope scaling {kind!r} is not supported by this family")
+    if rope.kind == "yarn":
+        return _yarn_inv_freq(rope, device, dtype)
+    if rope.kind == "linear":
+        return inv / rope.factor
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor     # llama3
+    old = float(rope.original_max_position)
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(is_mid, mid, scaled)
 
 
-def _yarn_factor(scaling: dict, max_position: int | None) -> float:
-    factor = scaling.get("factor")
-    if factor is None:
-        if max_position is None:
-            raise TierlmError("yarn RoPE without 'factor' needs max_position_embeddings")
-        factor = max_position / _yarn_original(scaling, max_position)
-    return float(factor)
-
-
-def _yarn_original(scaling: dict, max_position: int | None) -> float:
-    old = scaling.get("original_max_position_embeddings", max_position)
-    if old is None:
-        raise TierlmError("yarn RoPE needs original_max_position_embeddings")
-    return float(old)
-
-
-def _yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position: int | None, device=None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _yarn_inv_freq(rope: RopeConfig, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """YaRN (arXiv:2309.00071) as transformers computes it: blend interpolated (1/factor) and
     original frequencies with a linear ramp over the dimensions whose number of rotations
     within original_max_position_embeddings lies between beta_slow and beta_fast."""
-    factor = _yarn_factor(scaling, max_position)
-    old = _yarn_original(scaling, max_position)
-    fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+    dim, theta, factor = rope.dim, rope.theta, rope.factor
+    old = float(rope.original_max_position)
 
     def dim_of(rotations: float) -> float:        # the dimension that turns `rotations` times in `old` tokens
         return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = dim_of(fast), dim_of(slow)
-    if scaling.get("truncate", True):
+    low, high = dim_of(rope.beta_fast), dim_of(rope.beta_slow)
+    if rope.truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
@@ -104,23 +75,6 @@ def _yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position: int | No
     base = theta ** (torch.arange(0, dim, 2, device=device).to(dtype) / dim)
     keep = 1 - ramp                               # weight of the original (extrapolated) frequency
     return (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
-
-
-def rope_attention_factor(scaling: dict | None, max_position: int | None = None) -> float:
-    """The factor yarn applies to cos/sin (1.0 for every other RoPE type)."""
-    if _rope_kind(scaling) != "yarn":
-        return 1.0
-    if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
-    factor = _yarn_factor(scaling, max_position)
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    if m and m_all:
-        return float(mscale(factor, m) / mscale(factor, m_all))
-    return mscale(factor)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,

@@ -24,6 +24,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._preempted: set[int] = set()           # preempted during the current schedule() call
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -38,6 +39,7 @@ class Scheduler:
     def schedule(self) -> tuple[list[tuple[Sequence, int]], bool]:
         """[(sequence, new tokens)] for the next step, and whether it is a prefill step."""
         budget, batch = self.budget, []
+        self._preempted: set[int] = set()
         for seq in list(self.running):                  # unfinished prompts first
             if budget <= 0:
                 break
@@ -48,6 +50,8 @@ class Scheduler:
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.seq_id in self._preempted:            # not back in the step that evicted it:
+                break                                   # let the older sequences run first
             self.manager.match(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if not self.manager.can_allocate(seq, seq.num_computed + n + self.reserve):
@@ -85,6 +89,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.manager.free(seq)
+        self._preempted.add(seq.seq_id)
         seq.num_computed, seq.drafts = 0, []
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

@@ -4,7 +4,9 @@ Accepts Hugging Face configs (transformers key names) and DeepSeek's official in
 configs (`dim`, `n_layers`, ...). A missing field, a wrong type, an unknown field or two
 fields that contradict each other raise `ConfigError` naming the field. Where a value may
 be absent, the default is the one the transformers config class documents for that
-family (listed in docs/planner.md), never a guess.
+family (listed in docs/planner.md; for DeepSeek's official configs, its ModelArgs'), never
+a guess. Everything the model code needs (norm eps, RoPE, router settings, ...) is
+resolved here into typed `ModelSpec` fields, so no family reads the raw config.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from .fields import METADATA_KEYS, Fields
-from .model import (EngramConfig, GQAConfig, IndexerConfig, LayerSpec, MLAConfig, ModelSpec,
-                    MoEConfig, Quantization, V4Config)
+from .model import (EngramConfig, GemmaConfig, GQAConfig, IndexerConfig, LayerSpec, MLAConfig, ModelSpec,
+                    MoEConfig, Quantization, RopeConfig, RouterConfig, V4Config)
 
 GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen3_moe",
                 "gpt_oss", "minimax_m2")
@@ -45,11 +47,28 @@ OFFICIAL_KEYS = {
 }
 OFFICIAL_IGNORED = ("original_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale",
                     "max_batch_size", "scale_fmt", "expert_dtype", "dtype")
+# V4 keeps its YaRN keys: _parse_v4 reads them for the compressed layers' RoPE.
+OFFICIAL_V4_ROPE = ("original_seq_len", "rope_factor", "beta_fast", "beta_slow")
+# ModelArgs defaults (deepseek-ai/DeepSeek-V3 inference/model.py) of the router keys whose
+# transformers defaults differ; official V3 / V3.2 files that omit them mean these.
+OFFICIAL_ROUTER_DEFAULTS = {"scoring_func": "softmax", "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}
 
 # Sparse configs (e.g. gemma-3-*-it's text_config) omit fields equal to the class
 # default; these are the defaults of transformers' Gemma3TextConfig (v5.23.0).
 CLASS_DEFAULTS = {"gemma3_text": {"vocab_size": 262208, "max_position_embeddings": 131072,
                                   "sliding_window_pattern": 6}}
+
+# Defaults of the numeric fields where a config omits them: the transformers 5.23.0 config
+# classes' (configuration_<family>.py). rms_norm_eps is 1e-6 and rope_theta 10000 for every
+# family not listed.
+DEFAULT_NORM_EPS = {"mixtral": 1e-5, "gpt_oss": 1e-5, "glm_moe_dsa": 1e-5}
+DEFAULT_ROPE_THETA = {"mixtral": 1e6, "gpt_oss": 150000.0, "minimax_m2": 5e6}   # default_theta
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Every key of transformers' RopeParameters; the ones a RoPE type does not use are ignored,
+# as transformers ignores them.
+ROPE_KEYS = ("rope_theta", "rope_type", "type", "factor", "original_max_position_embeddings", "attention_factor",
+             "beta_fast", "beta_slow", "short_factor", "long_factor", "low_freq_factor", "high_freq_factor",
+             "mscale", "mscale_all_dim", "truncate", "mrope_section", "partial_rotary_factor")
 
 MAX_LAYERS = 4096     # the deepest model in the registry has 126
 MAX_MTP_LAYERS = 16
@@ -143,10 +162,10 @@ def _from_official(cfg: dict) -> tuple[dict, str]:
         family = "deepseek_v4"
         out.setdefault("num_key_value_heads", 1)      # V4's single shared K=V head, by design
         out.setdefault("num_nextn_predict_layers", 1)  # ModelArgs default n_mtp_layers = 1
-    elif "index_n_heads" in cfg:
-        family = "deepseek_v32"
     else:
-        family = "deepseek_v3"
+        family = "deepseek_v32" if "index_n_heads" in cfg else "deepseek_v3"
+        for k, v in OFFICIAL_ROUTER_DEFAULTS.items():
+            out.setdefault(k, v)
     if "max_position_embeddings" not in out:
         # The YaRN-extended length is the model's context: original_seq_len * rope_factor, with
         # ModelArgs' defaults (4096, 40 in DeepSeek-V3 inference/model.py) when the file omits them.
@@ -165,7 +184,8 @@ def _from_official(cfg: dict) -> tuple[dict, str]:
         out["quantization_config"] = quant
     out["torch_dtype"] = "bfloat16"
     for k in OFFICIAL_IGNORED:
-        out.pop(k, None)
+        if not (family == "deepseek_v4" and k in OFFICIAL_V4_ROPE):
+            out.pop(k, None)
     out["model_type"] = family
     return out, family
 
@@ -187,6 +207,112 @@ def _bounded_mtp(f: Fields, key: str, default=None) -> int:
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------------- RoPE
+def _rope_params(f: Fields) -> Fields | None:
+    """The one flat RoPE parameter object, picked as transformers 5.23 picks it: a non-empty
+    legacy `rope_scaling` replaces `rope_parameters` (convert_rope_params_to_dict)."""
+    legacy = f.sub("rope_scaling")
+    if legacy is not None and legacy.cfg:
+        f.ignore("rope_parameters")
+        return legacy
+    return f.sub("rope_parameters")
+
+
+def _theta(p: Fields | None, fallback: float) -> float:
+    """rope_theta of a RoPE parameter object, else `fallback` (the top-level or class default)."""
+    return fallback if p is None else p.float("rope_theta", fallback, positive=True)
+
+
+def _rope(p: Fields | None, family: str, theta: float, dim: int, max_position: int, *, interleave: bool = False,
+          kinds: tuple[str, ...] = ROPE_TYPES, attention_factor: float | None = None) -> RopeConfig:
+    """A RopeConfig from one flat RoPE parameter object (None: plain RoPE), with the defaults
+    transformers' rope init functions use: original_max_position_embeddings = the model's
+    max_position_embeddings, a yarn factor of max_position / original, beta_fast 32, beta_slow 1,
+    and a yarn cos/sin scale derived from factor and mscale / mscale_all_dim unless the object
+    gives one (or the family fixes one: `attention_factor`)."""
+    if p is None:
+        return RopeConfig(theta, dim, interleave=interleave)
+    kind = p.str("rope_type", "default", choices=kinds, aliases=("type",))
+    rope = RopeConfig(theta, dim, kind, interleave)
+    if kind == "linear":
+        rope = replace(rope, factor=p.float("factor", positive=True))
+    elif kind == "llama3":
+        rope = replace(rope, factor=p.float("factor", positive=True),
+                       low_freq_factor=p.float("low_freq_factor", positive=True),
+                       high_freq_factor=p.float("high_freq_factor", positive=True),
+                       original_max_position=p.int("original_max_position_embeddings", max_position))
+        _check(rope.high_freq_factor != rope.low_freq_factor, f"field '{p.name('high_freq_factor')}' must "
+               f"differ from 'low_freq_factor' ({rope.low_freq_factor})")
+    elif kind == "yarn":
+        original = p.int("original_max_position_embeddings", max_position)
+        factor = p.float("factor", None, positive=True)
+        if factor is None:
+            factor = max_position / original
+        m, m_all = p.float("mscale", None, positive=True), p.float("mscale_all_dim", None, positive=True)
+        rope = replace(rope, factor=factor, original_max_position=original,
+                       beta_fast=p.float("beta_fast", 32.0, positive=True),
+                       beta_slow=p.float("beta_slow", 1.0, positive=True), truncate=p.bool("truncate", True),
+                       mscale_all_dim=m_all)
+        scale = p.float("attention_factor", None, positive=True)
+        if scale is None:
+            scale = attention_factor
+        if scale is None:
+            scale = rope.yarn_mscale(m) / rope.yarn_mscale(m_all) if m and m_all else rope.yarn_mscale()
+        rope = replace(rope, attention_factor=float(scale))
+    p.ignore(*ROPE_KEYS)
+    p.check_unknown(family)
+    return rope
+
+
+def _minimax_rope(f: Fields, head_dim: int, max_position: int) -> RopeConfig:
+    """Partial RoPE: the rotated dims are int(head_dim * partial_rotary_factor), the factor read
+    as transformers 5.23 reads it: from the RoPE parameters, else the top level, else the
+    released checkpoints' legacy rotary_dim / head_dim (MiniMaxM2Config), else 1."""
+    p = _rope_params(f)
+    key, factor = "partial_rotary_factor", None
+    if p is not None and p.has(key):
+        key, factor = p.name(key), p.float(key)
+    elif f.has(key):
+        factor = f.float(key)
+    elif f.has("rotary_dim"):
+        key, factor = "rotary_dim", f.int("rotary_dim") / head_dim
+    factor = 1.0 if factor is None else factor
+    _check(0 < factor <= 1, f"field '{key}' must give a partial rotary factor in (0, 1], got {factor}")
+    dim = int(head_dim * factor)
+    _check(dim >= 2, f"field '{key}': rotary dimension {dim} (head_dim {head_dim} x {factor}) is too small")
+    return _rope(p, "minimax_m2", _theta(p, f.float("rope_theta", DEFAULT_ROPE_THETA["minimax_m2"], positive=True)),
+                 dim, max_position)
+
+
+def _gemma(f: Fields, head_dim: int, max_position: int) -> tuple[RopeConfig, GemmaConfig]:
+    """(the global layers' RoPE, the Gemma 3 settings) with Gemma3TextConfig's defaults. The
+    RoPE of each layer type comes from a nested `rope_parameters` {"full_attention": {...},
+    "sliding_attention": {...}} (what v5 saves), else the v4 fields rope_theta + rope_scaling
+    (global) and rope_local_base_freq (local); a legacy rope_scaling is merged into the global
+    parameters, never the local ones (Gemma3TextConfig.convert_rope_params_to_dict)."""
+    nested = f.sub("rope_parameters")
+    full = local = None
+    if nested is not None:
+        full, local = nested.sub("full_attention"), nested.sub("sliding_attention")
+        flat = sorted(k for k in nested.cfg if k not in nested.used)
+        if flat:
+            raise ConfigError(f"field '{nested.name(flat[0])}': Gemma 3 nests its RoPE parameters by layer "
+                              "type (rope_parameters.full_attention / .sliding_attention)")
+    legacy = f.sub("rope_scaling")
+    if legacy is not None:
+        full = Fields({**(full.cfg if full is not None else {}), **legacy.cfg}, "rope_scaling")
+    theta = _theta(full, f.float("rope_theta", 1e6, positive=True))
+    local_theta = _theta(local, f.float("rope_local_base_freq", 1e4, positive=True))
+    gemma = GemmaConfig(
+        sliding_rope=_rope(local, "gemma3_text", local_theta, head_dim, max_position),
+        query_pre_attn_scalar=f.float("query_pre_attn_scalar", 256.0, positive=True),
+        final_logit_softcapping=f.float("final_logit_softcapping", None, positive=True),
+        hidden_activation=f.str("hidden_activation", "gelu_pytorch_tanh", choices=("gelu_pytorch_tanh", "gelu"),
+                                aliases=("hidden_act",)),
+        bidirectional=f.bool("use_bidirectional_attention", False))
+    return _rope(full, "gemma3_text", theta, head_dim, max_position), gemma
 
 
 # ---------------------------------------------------------------------------- GQA families
@@ -216,6 +342,7 @@ def _parse_gqa(f: Fields, family: str, name: str) -> ModelSpec:
         f.ignore("attention_bias")
         if f.has("attention_bias"):
             qkv_bias = f.bool("attention_bias")
+        o_bias = qkv_bias and family == "gemma3_text"    # Gemma3Attention biases o_proj like q/k/v
     mlp_bias = f.bool("mlp_bias", False) if family == "llama" else False
     qk_norm = "none"
     if family in ("qwen3", "qwen3_moe", "gemma3_text"):
@@ -226,6 +353,15 @@ def _parse_gqa(f: Fields, family: str, name: str) -> ModelSpec:
         qk_norm = "full" if (use and kind == "per_layer") else ("head" if use else "none")
     gqa = GQAConfig(heads, kv_heads, head_dim, head_dim, qkv_bias, o_bias, qk_norm,
                     sinks=family == "gpt_oss")
+    gemma = None
+    if family == "gemma3_text":
+        rope, gemma = _gemma(f, head_dim, c["max_position"])
+    elif family == "minimax_m2":
+        rope = _minimax_rope(f, head_dim, c["max_position"])
+    else:
+        p = _rope_params(f)
+        theta = _theta(p, f.float("rope_theta", DEFAULT_ROPE_THETA.get(family, 10000.0), positive=True))
+        rope = _rope(p, family, theta, head_dim, c["max_position"])
 
     kinds = _gqa_layer_kinds(f, family, n)
     moe, ffn_of = _gqa_moe(f, family, n)
@@ -250,9 +386,9 @@ def _parse_gqa(f: Fields, family: str, name: str) -> ModelSpec:
     return ModelSpec(
         name=name, family=family, hidden_size=hidden, vocab_size=c["vocab"],
         max_position=c["max_position"], tie_embeddings=tie, dense_intermediate=dense_inter,
-        layers=layers, mtp_layers=mtp_layers, gqa=gqa, moe=moe,
+        layers=layers, mtp_layers=mtp_layers, norm_eps=_norm_eps(f, family), rope=rope, gqa=gqa, moe=moe,
         norms_per_layer=4 if family == "gemma3_text" else 2, mlp_bias=mlp_bias,
-        engram=_parse_engram(f, n), quant=_parse_quant(f, family), config=f.cfg)
+        engram=_parse_engram(f, n), gemma=gemma, quant=_parse_quant(f, family))
 
 
 def _gqa_layer_kinds(f: Fields, family: str, n: int) -> list[tuple[str, int | None]]:
@@ -299,18 +435,25 @@ def _gqa_moe(f: Fields, family: str, n: int) -> tuple[MoEConfig | None, list[str
         step = f.int("decoder_sparse_step", 1)
         only = set(f.int_list("mlp_only_layers", []))
         ffn = ["dense" if (i in only or (i + 1) % step != 0) else "moe" for i in range(n)]
-        moe = MoEConfig(experts, f.int("num_experts_per_tok"), width)
-    elif family == "mixtral":
-        moe = MoEConfig(f.int("num_local_experts"), f.int("num_experts_per_tok"), f.int("intermediate_size"))
+        moe = MoEConfig(experts, f.int("num_experts_per_tok"), width,
+                        router=RouterConfig(norm_topk_prob=f.bool("norm_topk_prob", False)))
+    elif family == "mixtral":   # always renormalises its top-k softmax weights
+        moe = MoEConfig(f.int("num_local_experts"), f.int("num_experts_per_tok"), f.int("intermediate_size"),
+                        router=RouterConfig(norm_topk_prob=True))
         ffn = ["moe"] * n
-    elif family == "gpt_oss":
+    elif family == "gpt_oss":   # softmax over the top-k logits: normalised by construction
         moe = MoEConfig(f.int("num_local_experts"),
                         f.int("num_experts_per_tok", aliases=("experts_per_token",)),
-                        f.int("intermediate_size"), router_bias=True, expert_bias=True)
+                        f.int("intermediate_size"), router_bias=True, expert_bias=True,
+                        router=RouterConfig(norm_topk_prob=True),
+                        swiglu_limit=f.float("swiglu_limit", 7.0, positive=True),
+                        swiglu_alpha=f.float("swiglu_alpha", 1.702, positive=True))
         ffn = ["moe"] * n
-    else:  # minimax_m2
+    else:  # minimax_m2: sigmoid scores (MiniMaxM2 knows no other), top-k renormalised
+        scoring = f.str("scoring_func", "sigmoid", choices=("sigmoid",))
         moe = MoEConfig(f.int("num_local_experts"), f.int("num_experts_per_tok"),
-                        f.int("intermediate_size"), router_bias=f.bool("use_routing_bias", True))
+                        f.int("intermediate_size"), router_bias=f.bool("use_routing_bias", True),
+                        router=RouterConfig(scoring, norm_topk_prob=True))
         ffn = ["moe"] * n
     _check(moe.top_k <= moe.num_experts, f"field 'num_experts_per_tok' ({moe.top_k}) exceeds the "
            f"number of experts ({moe.num_experts})")
@@ -334,7 +477,7 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
     if family in ("deepseek_v32", "glm_moe_dsa"):
         indexer = IndexerConfig(f.int("index_n_heads"), f.int("index_head_dim"), f.int("index_topk"))
         _check(mla.q_lora_rank is not None, f"missing field 'q_lora_rank': the {family} indexer reads the query latent")
-    moe, ffn = _deepseek_moe(f, n, router_bias=family != "deepseek_v2")
+    moe, ffn = _deepseek_moe(f, family, n)
     _check(not f.bool("mlp_bias", False), "field 'mlp_bias' true is not supported for MLA models")
     if f.has("layer_types"):   # transformers v5 saves e.g. ["indexed_attention", ...]
         types = f.str_list("layer_types")
@@ -356,12 +499,19 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
     mtp_layers = tuple(LayerSpec(n + i, kind, "moe", mtp=True) for i in range(n_mtp))
     dense_inter = f.int("intermediate_size") if "dense" in ffn else None
     f.ignore("intermediate_size")
+    # V3 / Kimi-K2 rotate adjacent pairs unless rope_interleave is false (DeepseekV3Config default
+    # true); V2 (complex), V3.2 and GLM-5 always do.
+    interleave = f.bool("rope_interleave", True)
+    _check(interleave or family in ("deepseek_v3", "kimi_k2"),
+           f"field 'rope_interleave' must be true for {family} (its RoPE always rotates adjacent pairs)")
+    p = _rope_params(f)
+    rope = _rope(p, family, _theta(p, f.float("rope_theta", 10000.0, positive=True)), mla.qk_rope_head_dim,
+                 c["max_position"], interleave=interleave, kinds=("default", "yarn"))
     return ModelSpec(
         name=name, family=family, hidden_size=c["hidden"], vocab_size=c["vocab"],
         max_position=c["max_position"], tie_embeddings=f.bool("tie_word_embeddings", False),
-        dense_intermediate=dense_inter, layers=layers, mtp_layers=mtp_layers, mla=mla,
-        indexer=indexer, moe=moe, engram=_parse_engram(f, n), quant=_parse_quant(f, family),
-        config=f.cfg)
+        dense_intermediate=dense_inter, layers=layers, mtp_layers=mtp_layers, norm_eps=_norm_eps(f, family),
+        rope=rope, mla=mla, indexer=indexer, moe=moe, engram=_parse_engram(f, n), quant=_parse_quant(f, family))
 
 
 def _indexer_sharing(f: Fields, n: int) -> list[bool]:
@@ -391,7 +541,7 @@ def _indexer_sharing(f: Fields, n: int) -> list[bool]:
     return [t == "shared" for t in types]
 
 
-def _deepseek_moe(f: Fields, n: int, router_bias: bool) -> tuple[MoEConfig, list[str]]:
+def _deepseek_moe(f: Fields, family: str, n: int) -> tuple[MoEConfig, list[str]]:
     experts = f.int("n_routed_experts")
     top_k = f.int("num_experts_per_tok")
     _check(top_k <= experts, f"field 'num_experts_per_tok' ({top_k}) exceeds 'n_routed_experts' ({experts})")
@@ -401,7 +551,33 @@ def _deepseek_moe(f: Fields, n: int, router_bias: bool) -> tuple[MoEConfig, list
     _check(first_dense <= n, f"field 'first_k_dense_replace' ({first_dense}) exceeds 'num_hidden_layers' ({n})")
     freq = f.int("moe_layer_freq", 1)
     ffn = ["moe" if (i >= first_dense and i % freq == 0) else "dense" for i in range(n)]
-    return MoEConfig(experts, top_k, width, shared, shared * width, router_bias=router_bias), ffn
+    moe = MoEConfig(experts, top_k, width, shared, shared * width, router_bias=family != "deepseek_v2",
+                    router=_deepseek_router(f, family, experts))
+    return moe, ffn
+
+
+def _deepseek_router(f: Fields, family: str, experts: int) -> RouterConfig:
+    """DeepSeek-V2 routes greedily or group-limited (topk_method) on softmax scores by default;
+    V3 / Kimi-K2 / V3.2 / GLM-5 always group-limited (noaux_tc) on sigmoid scores. Defaults
+    are the transformers classes' (DeepseekV2Config, DeepseekV3Config, DeepseekV32Config,
+    GlmMoeDsaConfig; Kimi-K2 ships DeepseekV3's)."""
+    scoring = f.str("scoring_func", "softmax" if family == "deepseek_v2" else "sigmoid", choices=("softmax", "sigmoid"))
+    if family == "deepseek_v2":
+        method = f.str("topk_method", "greedy", choices=("greedy", "group_limited_greedy"))
+        router = RouterConfig(scoring, f.float("routed_scaling_factor", 1.0, positive=True),
+                              f.bool("norm_topk_prob", False), method == "group_limited_greedy",
+                              f.int("n_group", 1), f.int("topk_group", 1))
+    else:
+        f.str("topk_method", "noaux_tc", choices=("noaux_tc",))     # checked only: the one V3 routing
+        groups = (1, 1) if family == "glm_moe_dsa" else (8, 4)
+        router = RouterConfig(scoring, f.float("routed_scaling_factor", 2.5, positive=True),
+                              f.bool("norm_topk_prob", True), True,
+                              f.int("n_group", groups[0]), f.int("topk_group", groups[1]))
+    _check(experts % router.n_group == 0,
+           f"field 'n_group' ({router.n_group}) must divide 'n_routed_experts' ({experts})")
+    _check(router.topk_group <= router.n_group, f"field 'topk_group' ({router.topk_group}) exceeds 'n_group' "
+           f"({router.n_group})")
+    return router
 
 
 # ---------------------------------------------------------------------------- DeepSeek-V4
@@ -427,8 +603,10 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
     _check(rope <= head_dim, f"field 'qk_rope_head_dim' ({rope}) exceeds 'head_dim' ({head_dim})")
     o_groups = f.int("o_groups")
     _check(heads % o_groups == 0, f"field 'o_groups' ({o_groups}) must divide 'num_attention_heads' ({heads})")
+    main_rope, compress_rope = _v4_ropes(f, rope, c["max_position"], official)
     v4 = V4Config(heads, head_dim, rope, f.int("q_lora_rank"), o_groups, f.int("o_lora_rank"),
-                  f.int("sliding_window"))
+                  f.int("sliding_window"), compress_rope, f.float("hc_eps", 1e-6, minimum=0.0),
+                  f.int("hc_sinkhorn_iters", 20))
     indexer = IndexerConfig(f.int("index_n_heads"), f.int("index_head_dim"), f.int("index_topk"))
     n_mtp = _bounded_mtp(f, "num_nextn_predict_layers")
 
@@ -451,19 +629,56 @@ def _parse_v4(f: Fields, name: str, official: bool) -> ModelSpec:
     _check(top_k <= experts, f"field 'num_experts_per_tok' ({top_k}) exceeds 'n_routed_experts' ({experts})")
     width = f.int("moe_intermediate_size")
     shared = f.int("n_shared_experts", minimum=0)
-    moe = MoEConfig(experts, top_k, width, shared, shared * width, router_bias=True)
+    # DeepseekV4Config defaults. The router renormalises any scores but softmax's, whatever
+    # norm_topk_prob says (DeepSeek's Gate); swiglu_limit 0 means an unclamped SwiGLU.
+    scoring = f.str("scoring_func", "sqrtsoftplus", choices=("sqrtsoftplus", "sigmoid", "softmax"))
+    router = RouterConfig(scoring, f.float("routed_scaling_factor", 1.5, positive=True), scoring != "softmax")
+    moe = MoEConfig(experts, top_k, width, shared, shared * width, router_bias=True, router=router,
+                    swiglu_limit=f.float("swiglu_limit", 10.0, minimum=0.0))
     layers = tuple(LayerSpec(i, "v4", ffn[i], v4.window, ratios[i][0], csa=ratios[i][1]) for i in range(n))
     mtp_ratio = [ratios[n + i] if n + i < len(ratios) else (0, False) for i in range(n_mtp)]
     mtp_layers = tuple(LayerSpec(n + i, "v4", "moe", v4.window, r, mtp=True, csa=csa)
                        for i, (r, csa) in enumerate(mtp_ratio))
-    f.ignore("intermediate_size", "compress_rate_csa", "compress_rate_hca", "attention_bias", "mlp_bias",
-             "compress_rope_theta")
+    f.ignore("intermediate_size", "compress_rate_csa", "compress_rate_hca", "attention_bias", "mlp_bias")
     return ModelSpec(
         name=name, family="deepseek_v4", hidden_size=c["hidden"], vocab_size=c["vocab"],
         max_position=c["max_position"], tie_embeddings=f.bool("tie_word_embeddings", False),
-        dense_intermediate=None, layers=layers, mtp_layers=mtp_layers, v4=v4, indexer=indexer,
+        dense_intermediate=None, layers=layers, mtp_layers=mtp_layers,
+        norm_eps=_norm_eps(f, "deepseek_v4"), rope=main_rope, v4=v4, indexer=indexer,
         moe=moe, hc_mult=f.int("hc_mult"), engram=_parse_engram(f, n),
-        quant=_parse_quant(f, "deepseek_v4"), config=f.cfg)
+        quant=_parse_quant(f, "deepseek_v4"))
+
+
+def _v4_ropes(f: Fields, dim: int, max_position: int, official: bool) -> tuple[RopeConfig, RopeConfig]:
+    """(main, compress) interleaved RoPEs: window-only layers rotate at rope_theta without
+    scaling, compressed layers and the indexer at compress_rope_theta with YaRN when configured,
+    its cos/sin scale 1 unless given (DeepseekV4Config sets attention_factor 1.0). Read from
+    transformers' nested rope_parameters {"main", "compress"}, else a flat rope_scaling /
+    rope_parameters (the compressed layers'), else the official original_seq_len / rope_factor."""
+    theta = f.float("rope_theta", 10000.0, positive=True)
+    compress_theta = f.float("compress_rope_theta", 160000.0, positive=True)
+    main = RopeConfig(theta, dim, interleave=True)
+    given = f.raw("rope_parameters", None)
+    if isinstance(given, dict) and isinstance(given.get("main"), dict) and isinstance(given.get("compress"), dict):
+        nested = f.sub("rope_parameters")
+        p_main, p_comp = nested.sub("main"), nested.sub("compress")
+        nested.check_unknown("deepseek_v4")
+        main = _rope(p_main, "deepseek_v4", _theta(p_main, theta), dim, max_position, interleave=True,
+                     kinds=("default",))
+        return main, _rope(p_comp, "deepseek_v4", _theta(p_comp, compress_theta), dim, max_position,
+                           interleave=True, kinds=("default", "yarn"), attention_factor=1.0)
+    if official:
+        compress = RopeConfig(compress_theta, dim, interleave=True)
+        original = f.int("original_seq_len", 0, minimum=0)
+        # rope_factor: the ModelArgs default _from_official also assumes for max_position.
+        factor = f.float("rope_factor", 40.0, positive=True)
+        fast, slow = f.float("beta_fast", 32.0, positive=True), f.float("beta_slow", 1.0, positive=True)
+        if original > 0:
+            compress = replace(compress, kind="yarn", factor=factor, original_max_position=original,
+                               beta_fast=fast, beta_slow=slow)
+        return main, compress
+    return main, _rope(_rope_params(f), "deepseek_v4", compress_theta, dim, max_position, interleave=True,
+                       kinds=("default", "yarn"), attention_factor=1.0)
 
 
 def _v4_ratios(f: Fields) -> list[tuple[int, bool]]:
@@ -490,6 +705,11 @@ def _v4_ratios(f: Fields) -> list[tuple[int, bool]]:
 
 
 # ---------------------------------------------------------------------------- shared blocks
+def _norm_eps(f: Fields, family: str) -> float:
+    aliases = ("norm_eps",) if family == "deepseek_v4" else ()    # the official name, in V4 HF-layout files too
+    return f.float("rms_norm_eps", DEFAULT_NORM_EPS.get(family, 1e-6), minimum=0.0, aliases=aliases)
+
+
 def _parse_engram(f: Fields, n_layers: int) -> EngramConfig | None:
     key = f.first_present("engram_config", "engram")
     f.ignore("engram_config", "engram")
@@ -537,7 +757,9 @@ def _parse_quant(f: Fields, family: str) -> Quantization:
         _check(experts in ("fp8", "fp4", "mxfp4"), f"field 'quantization_config.expert_dtype' must be fp8 or fp4, "
                f"got {experts!r}")
         experts = "fp4" if experts == "mxfp4" else experts
-        return Quantization("fp8" if experts == "fp8" else "fp8+fp4", base, "fp8", experts, (block[0], block[1]))
+        scale_fmt = q.str("scale_fmt", choices=("ue8m0",)) if q.has("scale_fmt") else None
+        return Quantization("fp8" if experts == "fp8" else "fp8+fp4", base, "fp8", experts, (block[0], block[1]),
+                            scale_fmt=scale_fmt)
     if method == "mxfp4":
         return Quantization("mxfp4", base, base, "fp4")
     if method == "compressed-tensors":

@@ -7,6 +7,7 @@ the field (with its path for nested configs) and says what was expected.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import ConfigError
@@ -14,8 +15,9 @@ from ..errors import ConfigError
 _MISSING = object()
 
 # Keys that never change bytes, FLOPs or placement (metadata, training-only settings,
-# tokenizer ids, activation names, norm epsilons, RoPE bases). Read nowhere, allowed
-# everywhere.
+# tokenizer ids, activation names, norm epsilons, RoPE and router settings), so allowed in
+# every config. Those that change the model's numerics are read, typed and checked, by the
+# parsers of the families that use them (config.py); the other families ignore them.
 METADATA_KEYS = frozenset({
     "_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
     "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
@@ -102,6 +104,27 @@ class Fields:
             raise ConfigError(f"field '{self.name(key)}' must be >= {minimum}, got {value}")
         if value > MAX_INT:
             raise ConfigError(f"field '{self.name(key)}' is implausibly large ({value}; at most {MAX_INT})")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING, *, positive: bool = False, minimum: float | None = None,
+              aliases: tuple[str, ...] = ()) -> float:
+        """A finite number (JSON int or float); NaN and infinities are errors."""
+        value = self.raw(key, default, aliases)
+        if value is default and default is not _MISSING:
+            return value
+        name = self.name(self.first_present(key, *aliases) or key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"field '{name}' must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"field '{name}' is implausibly large ({value})") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"field '{name}' must be a finite number, got {value!r}")
+        if positive and value <= 0:
+            raise ConfigError(f"field '{name}' must be > 0, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"field '{name}' must be >= {minimum}, got {value!r}")
         return value
 
     def opt_int(self, key: str, *, minimum: int = 1, aliases: tuple[str, ...] = ()) -> int | None:

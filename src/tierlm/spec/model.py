@@ -6,8 +6,8 @@ modules and the paged cache pools, so that what is planned is what gets allocate
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass
 
 # Attention kinds of a layer:
 #   full     GQA/MQA/MHA over every previous token
@@ -17,6 +17,41 @@ from typing import Any
 #   v4       DeepSeek-V4 shared-KV attention: sliding window plus, when compress_ratio > 0,
 #            compressed entries (CSA: overlapping, with an indexer; HCA; ratio 0 = window only)
 # FFN kinds: dense | moe | hash_moe (V4: experts picked by a token-id table).
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """One rotary embedding with every default resolved by the parser, so that the model code
+    reads numbers, not config keys. Fields that do not apply to `kind` stay None."""
+    theta: float
+    dim: int                                  # channels rotated per head (partial RoPE: < head_dim)
+    kind: str = "default"                     # default | linear | llama3 | yarn
+    interleave: bool = False                  # rotate pairs (x0, x1), (x2, x3)... instead of (x_i, x_{i+dim/2})
+    factor: float | None = None               # linear, llama3, yarn
+    original_max_position: int | None = None  # llama3, yarn: the context the model was trained on
+    low_freq_factor: float | None = None      # llama3
+    high_freq_factor: float | None = None     # llama3
+    beta_fast: float | None = None            # yarn: the ramp between interpolated and original frequencies
+    beta_slow: float | None = None            # yarn
+    truncate: bool = True                     # yarn: ramp bounds rounded to whole dimensions
+    mscale_all_dim: float | None = None       # yarn: DeepSeek MLA also scales its softmax by it
+    attention_factor: float = 1.0             # yarn: scale of cos/sin
+
+    def yarn_mscale(self, mscale: float = 1.0) -> float:
+        """YaRN's attention temperature for this RoPE's context extension `factor`."""
+        return 1.0 if self.factor <= 1 else 0.1 * mscale * math.log(self.factor) + 1.0
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a MoE layer turns router logits into expert weights (the router code itself stays
+    with each family)."""
+    scoring: str = "softmax"          # softmax | sigmoid | sqrtsoftplus
+    scale: float = 1.0                # routed_scaling_factor, applied to the final weights
+    norm_topk_prob: bool = False      # renormalise the top-k weights to sum to one
+    group_limited: bool = False       # pick experts only from the best topk_group of n_group groups
+    n_group: int = 1
+    topk_group: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +92,19 @@ class V4Config:
     o_groups: int
     o_lora_rank: int
     window: int
+    compress_rope: RopeConfig        # compressed layers and the indexer (spec.rope: window-only layers)
+    hc_eps: float                    # mHC: added to the Sinkhorn-normalised mixing weights
+    hc_sinkhorn_iters: int
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    """Gemma 3 settings no other family has."""
+    sliding_rope: RopeConfig         # the sliding-window layers' RoPE (spec.rope: the global layers')
+    query_pre_attn_scalar: float     # scores scaled by its inverse square root instead of head_dim's
+    final_logit_softcapping: float | None
+    hidden_activation: str           # gelu_pytorch_tanh | gelu
+    bidirectional: bool              # use_bidirectional_attention: an encoder, not a causal LM
 
 
 @dataclass(frozen=True)
@@ -69,6 +117,9 @@ class MoEConfig:
     router_bias: bool = False        # selection bias (e_score_correction_bias) or router Linear bias
     expert_bias: bool = False        # gpt-oss: biases inside each expert
     shared_gate: bool = False        # qwen2_moe-style sigmoid gate on the shared expert
+    router: RouterConfig = RouterConfig()
+    swiglu_limit: float = 0.0        # clamp of the experts' SwiGLU inputs (gpt-oss, V4); 0 = none
+    swiglu_alpha: float | None = None    # gpt-oss: slope of its sigmoid-gated activation
 
 
 @dataclass(frozen=True)
@@ -110,6 +161,7 @@ class Quantization:
     experts: str                     # dtype of routed expert matrices
     block: tuple[int, int] = (128, 128)
     group: int = 32
+    scale_fmt: str | None = None     # ue8m0: power-of-two activation scales (the V3.2 indexer's act_quant)
 
 
 @dataclass(frozen=True)
@@ -123,6 +175,8 @@ class ModelSpec:
     dense_intermediate: int | None   # width of dense FFN layers (None when every layer is MoE)
     layers: tuple[LayerSpec, ...]
     mtp_layers: tuple[LayerSpec, ...]
+    norm_eps: float                  # RMSNorm epsilon of the decoder norms
+    rope: RopeConfig
     gqa: GQAConfig | None = None
     mla: MLAConfig | None = None
     indexer: IndexerConfig | None = None
@@ -132,16 +186,17 @@ class ModelSpec:
     norms_per_layer: int = 2
     mlp_bias: bool = False
     engram: EngramConfig | None = None
+    gemma: GemmaConfig | None = None
     quant: Quantization = Quantization("none", "bf16", "bf16", "bf16")
     notes: tuple[str, ...] = ()      # values taken from class defaults, for --explain
-    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __hash__(self) -> int:
         # Specs key the planner's caches; hash the (large, immutable) layer tuples only once.
         cached = self.__dict__.get("_hash")
         if cached is None:
             cached = hash((self.name, self.family, self.layers, self.mtp_layers, self.gqa, self.mla,
-                           self.indexer, self.v4, self.moe, self.quant, self.engram, self.hidden_size))
+                           self.indexer, self.v4, self.moe, self.quant, self.engram, self.hidden_size,
+                           self.norm_eps, self.rope, self.gemma))
             object.__setattr__(self, "_hash", cached)
         return cached
 

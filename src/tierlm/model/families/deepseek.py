@@ -51,7 +51,6 @@ for dense-MLA prefill. Both read the same cache.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
@@ -61,9 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TierlmError
-from ...spec.model import LayerSpec, ModelSpec
+from ...spec.model import LayerSpec, ModelSpec, RopeConfig
 from ..cache import Cache
 from ..layers import SwiGLU, rope_inv_freq
+from ..moe import dispatch
 from ..ops import Step, gather, store
 from ..quant import fake_quant, hadamard
 
@@ -98,9 +98,7 @@ class Args:
     v_head: int
     eps: float
     tie: bool
-    rope_theta: float
-    rope: dict                   # rope_parameters / rope_scaling (normalised, may be {})
-    max_pos: int
+    rope: RopeConfig             # default or yarn
     rope_style: str              # complex (V2) | interleave | half
     softmax_scale: float
     rope_factor: float           # attention_scaling applied to cos/sin (YaRN attention_factor)
@@ -129,92 +127,50 @@ class Args:
         return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _rope_params(cfg: dict) -> tuple[float, dict]:
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    params["rope_type"] = kind
-    if kind not in ("default", "yarn"):
-        raise TierlmError(f"rope type {kind!r} is not supported for MLA models (default or yarn)")
-    return theta, params
-
-
 def make_args(spec: ModelSpec) -> Args:
-    cfg, mla, moe = spec.config, spec.mla, spec.moe
+    mla, moe, rope = spec.mla, spec.moe, spec.rope
     assert mla is not None and moe is not None
-    family = spec.family
-    theta, rope = _rope_params(cfg)
+    family, router = spec.family, moe.router
     qk_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     scale = qk_head ** -0.5
-    rope_factor = 1.0
-    if rope["rope_type"] == "yarn":
-        factor = float(rope["factor"])
-        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        # transformers (following DeepSeek's HF code): cos/sin carry mscale/mscale_all_dim,
-        # the softmax scale carries mscale_all_dim**2.
-        af = rope.get("attention_factor")
-        if af is None:
-            af = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if (m and m_all) else _yarn_mscale(factor)
-        rope_factor = float(af)
-        if m_all:
-            ms = _yarn_mscale(factor, m_all)
-            scale = scale * ms * ms
+    # transformers (following DeepSeek's HF code): with yarn, cos/sin carry the spec's attention
+    # factor (mscale / mscale_all_dim) and the softmax scale carries mscale_all_dim**2.
+    if rope.kind == "yarn" and rope.mscale_all_dim:
+        ms = rope.yarn_mscale(rope.mscale_all_dim)
+        scale = scale * ms * ms
     if family == "deepseek_v2":
         style = "complex"
-    elif family in ("deepseek_v3", "kimi_k2"):
-        style = "interleave" if cfg.get("rope_interleave", True) else "half"
     else:
-        style = "interleave"
-    if family == "deepseek_v2":
-        score, bias = cfg.get("scoring_func", "softmax"), False
-        group_limited = cfg.get("topk_method", "greedy") == "group_limited_greedy"
-    else:
-        score, bias, group_limited = cfg.get("scoring_func", "sigmoid"), True, True
-    if score not in ("softmax", "sigmoid"):
-        raise TierlmError(f"scoring_func {score!r} is not supported (softmax or sigmoid)")
+        style = "interleave" if rope.interleave else "half"
     n = spec.num_layers
     idx = spec.indexer
     # Which DSA layers (MTP blocks included) reuse the previous top-k (GLM-5.x IndexShare) comes from the spec.
     types = tuple("shared" if l.shared_indexer else "full" for l in spec.all_layers(True)) if idx else ()
-    # official configs carry `scale_fmt` at the top level, HF ones in quantization_config
-    scale_fmt = cfg.get("scale_fmt") or (cfg.get("quantization_config") or {}).get("scale_fmt")
     reference = "official" if family == "deepseek_v32" else "transformers"
     return Args(
         family=family, dim=spec.hidden_size, vocab=spec.vocab_size, n_layers=n,
         inter_dim=spec.dense_intermediate or 0, moe_inter_dim=moe.expert_intermediate,
         n_routed=moe.num_experts, n_shared=moe.num_shared, topk=moe.top_k,
-        n_group=int(cfg.get("n_group") or 1), topk_group=int(cfg.get("topk_group") or 1),
-        score_func=score, route_scale=float(cfg.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", family != "deepseek_v2")),
-        router_bias=bias, group_limited=group_limited,
+        n_group=router.n_group, topk_group=router.topk_group, score_func=router.scoring,
+        route_scale=router.scale, norm_topk_prob=router.norm_topk_prob,
+        router_bias=moe.router_bias, group_limited=router.group_limited,
         n_heads=mla.num_heads, q_lora_rank=mla.q_lora_rank or None, kv_lora_rank=mla.kv_lora_rank,
         qk_nope=mla.qk_nope_head_dim, qk_rope=mla.qk_rope_head_dim, v_head=mla.v_head_dim,
-        eps=float(cfg.get("rms_norm_eps", 1e-6)), tie=spec.tie_embeddings,
-        rope_theta=theta, rope=rope, max_pos=spec.max_position, rope_style=style,
-        softmax_scale=scale, rope_factor=rope_factor,
+        eps=spec.norm_eps, tie=spec.tie_embeddings, rope=rope, rope_style=style,
+        softmax_scale=scale, rope_factor=rope.attention_factor,
         index_heads=idx.n_heads if idx else 0, index_dim=idx.head_dim if idx else 0,
         index_topk=idx.topk if idx else 0, index_interleave=family == "glm_moe_dsa",
-        indexer_types=types, index_scale_fmt=scale_fmt,
+        indexer_types=types, index_scale_fmt=spec.quant.scale_fmt,
         reference=reference, exact_fp32=reference == "transformers",
         dense_layers=frozenset(l.index for l in spec.layers if l.ffn == "dense"),
     )
 
 
 # ------------------------------------------------------------------------------ rope
-def inv_freq(args: Args, dtype: torch.dtype) -> torch.Tensor:
-    """[R/2] inverse frequencies (YaRN-corrected when configured), as transformers builds them."""
-    yarn = args.rope if args.rope["rope_type"] == "yarn" else None
-    return rope_inv_freq(args.qk_rope, args.rope_theta, yarn, max_position=args.max_pos, dtype=dtype)
-
-
 def rope_tables(args: Args, positions: torch.Tensor, dtype: torch.dtype):
     """positions [B, T] -> cos/sin [B, T, R/2] in `dtype` (V3 family), or complex freqs [B, T, R/2] (V2)."""
     up = args.up(dtype)
-    freqs = positions.to(up).unsqueeze(-1) * inv_freq(args, up).to(positions.device)
+    freqs = positions.to(up).unsqueeze(-1) * rope_inv_freq(args.rope, dtype=up).to(positions.device)
     if args.rope_style == "complex":
         return torch.polar(torch.ones_like(freqs), freqs) * args.rope_factor
     return (freqs.cos() * args.rope_factor).to(dtype), (freqs.sin() * args.rope_factor).to(dtype)
@@ -455,10 +411,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
-        y = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():
-            tok, slot = torch.where(idx == e)
-            y.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None].to(y.dtype))
+        y = dispatch(x, idx, weights.to(x.dtype), lambda e, rows: self.experts[e](rows))
         if self.args.n_shared:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TierlmError
-from ...spec.model import LayerSpec, ModelSpec
+from ...spec.model import LayerSpec, ModelSpec, RopeConfig
 from ..cache import Cache
+from ..moe import dispatch
 from ..ops import Step, StreamView, gather, store
 from ..quant import fake_quant, hadamard   # shared with deepseek.py (tests patch these names here)
 
@@ -80,15 +81,17 @@ def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Rope:
-    """Interleaved RoPE on the last `dim` channels, angles in float32, computed on the fly."""
+    """Interleaved RoPE on the last `dim` channels, angles in float32, computed on the fly.
+    YaRN's ramp bounds are always rounded to whole dimensions, as in the official code."""
 
-    def __init__(self, dim: int, theta: float, yarn: dict | None, reference: str):
-        self.dim = dim
+    def __init__(self, rope: RopeConfig, reference: str):
+        self.dim = dim = rope.dim
+        theta = rope.theta
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
         self.scale = 1.0
-        if yarn:
-            factor, orig = float(yarn["factor"]), yarn["original"]
-            fast, slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+        if rope.kind == "yarn":
+            factor, orig = rope.factor, rope.original_max_position
+            fast, slow = rope.beta_fast, rope.beta_slow
 
             def corr(rot: float) -> float:
                 return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
@@ -103,7 +106,7 @@ class Rope:
             else:
                 pos = theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)
                 freqs = 1.0 / (factor * pos) * (1 - keep) + 1.0 / pos * keep
-            self.scale = float(yarn.get("attention_factor") or 1.0)
+            self.scale = rope.attention_factor
         self.inv_freq = freqs
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,10 +366,10 @@ class Gate(nn.Module):
 
     def __init__(self, spec: ModelSpec, hash_routed: bool):
         super().__init__()
-        moe, cfg = spec.moe, spec.config
+        moe = spec.moe
         self.topk, self.hash = moe.top_k, hash_routed
-        self.score_func = cfg.get("scoring_func", cfg.get("score_func", "sqrtsoftplus"))
-        self.route_scale = float(cfg.get("routed_scaling_factor", cfg.get("route_scale", 1.0)))
+        self.score_func, self.route_scale = moe.router.scoring, moe.router.scale
+        self.normalize = moe.router.norm_topk_prob
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, spec.hidden_size))
         if hash_routed:
             self.register_buffer("tid2eid", torch.zeros(spec.vocab_size, moe.top_k, dtype=torch.long))
@@ -386,7 +389,7 @@ class Gate(nn.Module):
         else:
             idx = torch.topk(scores + self.bias, self.topk, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
-        if self.score_func != "softmax":
+        if self.normalize:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * self.route_scale, idx
 
@@ -395,7 +398,7 @@ class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, hash_routed: bool):
         super().__init__()
         moe = spec.moe
-        limit = float(spec.config.get("swiglu_limit", 0.0) or 0.0)
+        limit = moe.swiglu_limit
         self.gate = Gate(spec, hash_routed)
         self.experts = nn.ModuleList(Expert(spec.hidden_size, moe.expert_intermediate, limit)
                                      for _ in range(moe.num_experts))
@@ -405,10 +408,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = self.gate(x, ids.reshape(-1))
-        y = torch.zeros_like(x)
-        for e in idx.unique().tolist():
-            rows, slot = torch.where(idx == e)
-            y.index_add_(0, rows, self.experts[e](x[rows]) * w[rows, slot, None].to(y.dtype))
+        y = dispatch(x, idx, w.to(x.dtype), lambda e, rows: self.experts[e](rows))
         return (y + self.shared_experts(x)).view(shape)
 
 
@@ -441,10 +441,8 @@ def hc_collapse(x, fn, scale, base, eps, hc_eps, mode: Mode):
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec, ropes: dict[str, Rope]):
         super().__init__()
-        cfg = spec.config
-        self.eps = float(cfg.get("rms_norm_eps", cfg.get("norm_eps", 1e-6)))
-        self.hc_eps = float(cfg.get("hc_eps", 1e-6))
-        self.iters = int(cfg.get("hc_sinkhorn_iters", 20))
+        self.eps = spec.norm_eps
+        self.hc_eps, self.iters = spec.v4.hc_eps, spec.v4.hc_sinkhorn_iters
         self.n = n = spec.hc_mult
         self.index = layer.index
         self.attn = Attention(spec, layer, ropes, self.eps)
@@ -531,7 +529,7 @@ class DeepseekV4(nn.Module):
         self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPBlock(spec, layer, self.ropes) for layer in spec.mtp_layers[:with_mtp])
         self.eps = self.model.norm.eps
-        self.hc_eps = float(spec.config.get("hc_eps", 1e-6))
+        self.hc_eps = spec.v4.hc_eps
 
     def set_reference(self, reference: str, exact_fp32: bool | None = None) -> None:
         """Switch between the official behaviour and transformers' (see module docstring).
@@ -601,31 +599,9 @@ class DeepseekV4(nn.Module):
 
 # ----------------------------------------------------------------------------- family API
 def make_ropes(spec: ModelSpec, reference: str) -> dict[str, Rope]:
-    """'main' (sliding-only layers: rope_theta, no YaRN) and 'compress' (compressed layers and
-    the indexer: compress_rope_theta, YaRN when configured)."""
-    cfg, rd = spec.config, spec.v4.rope_head_dim
-    rp = cfg.get("rope_parameters") or {}
-    if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
-        main, comp = rp["main"], rp["compress"]
-        yarn = None
-        if comp.get("rope_type", comp.get("type")) == "yarn":
-            yarn = dict(factor=comp["factor"], original=comp["original_max_position_embeddings"],
-                        beta_fast=comp.get("beta_fast"), beta_slow=comp.get("beta_slow"),
-                        attention_factor=comp.get("attention_factor", 1.0))
-        return {"main": Rope(rd, float(main.get("rope_theta", cfg.get("rope_theta", 10000.0))), None, reference),
-                "compress": Rope(rd, float(comp.get("rope_theta", cfg.get("compress_rope_theta", 160000.0))),
-                                 yarn, reference)}
-    # official / flat layout
-    scaling = cfg.get("rope_scaling") or (rp if rp.get("rope_type", rp.get("type")) == "yarn" else None)
-    yarn = None
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "yarn":
-        yarn = dict(factor=scaling["factor"], original=scaling["original_max_position_embeddings"],
-                    beta_fast=scaling.get("beta_fast"), beta_slow=scaling.get("beta_slow"), attention_factor=1.0)
-    elif int(cfg.get("original_seq_len", 0) or 0) > 0:
-        yarn = dict(factor=cfg.get("rope_factor", 1.0), original=int(cfg["original_seq_len"]),
-                    beta_fast=cfg.get("beta_fast"), beta_slow=cfg.get("beta_slow"), attention_factor=1.0)
-    return {"main": Rope(rd, float(cfg.get("rope_theta", 10000.0)), None, reference),
-            "compress": Rope(rd, float(cfg.get("compress_rope_theta", 160000.0)), yarn, reference)}
+    """'main' (sliding-only layers) and 'compress' (compressed layers and the indexer; YaRN
+    when configured), the yarn frequencies each reference's own way."""
+    return {"main": Rope(spec.rope, reference), "compress": Rope(spec.v4.compress_rope, reference)}
 
 
 def build(spec: ModelSpec, checkpoint_names: Iterable[str], reference: str = "official") -> nn.Module:

@@ -12,8 +12,8 @@ Differences from the plain GQA block (gqa.py):
   * attention scale query_pre_attn_scalar ** -0.5; optional tanh soft-capping of the final
     logits (final_logit_softcapping); gelu(tanh) gated MLP; tied embeddings.
 
-`attn_logit_softcapping` is read but NOT applied, as in transformers 5.23: Gemma3Attention keeps
-the value yet never passes it to the attention function (Gemma 3 replaced Gemma 2's attention
+`attn_logit_softcapping` is ignored, as in transformers 5.23: Gemma3Attention keeps the value
+yet never passes it to the attention function (Gemma 3 replaced Gemma 2's attention
 soft-capping by q/k norms; every released config has it null). Applying it would break parity
 with the reference for a config that sets it.
 
@@ -36,39 +36,11 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..layers import rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..layers import rope_cos_sin, rope_inv_freq
 from ..ops import Step
 from . import gqa
 
-# Gemma3TextConfig defaults (transformers v5.23.0) for fields a config may omit.
-DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
-DEFAULT_QUERY_PRE_ATTN_SCALAR = 256
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}     # hidden_activation -> F.gelu(approximate=)
-
-
-def rope_parameters(cfg: dict) -> dict[str, tuple[float, dict | None]]:
-    """(theta, scaling or None) per layer type, as Gemma3TextConfig resolves them: a nested
-    `rope_parameters` {"full_attention": {...}, "sliding_attention": {...}} (what v5 saves),
-    else the v4 fields rope_theta + rope_scaling (global) and rope_local_base_freq (local).
-    A legacy `rope_scaling` is merged into the global parameters, never the local ones."""
-    given = cfg.get("rope_parameters")
-    params = {k: dict(v) for k, v in given.items() if k in DEFAULT_THETA and isinstance(v, dict)} \
-        if isinstance(given, dict) else {}
-    legacy = cfg.get("rope_scaling")
-    full = params.setdefault("full_attention", {"rope_type": "default"})
-    if isinstance(legacy, dict):
-        full.update(legacy)
-    full.setdefault("rope_theta", cfg.get("rope_theta") or DEFAULT_THETA["full_attention"])
-    local = params.setdefault("sliding_attention", {"rope_type": "default"})
-    local.setdefault("rope_theta", cfg.get("rope_local_base_freq") or DEFAULT_THETA["sliding_attention"])
-    out = {}
-    for kind, p in params.items():
-        rope_type = p.get("rope_type", p.get("type", "default"))
-        theta = p.get("rope_theta")
-        if theta is None:
-            theta = DEFAULT_THETA[kind]
-        out[kind] = (float(theta), None if rope_type == "default" else {**p, "rope_type": rope_type})
-    return out
 
 
 class GemmaRMSNorm(nn.Module):
@@ -105,29 +77,25 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 class Attention(gqa.Attention):
-    """gqa.Attention with Gemma's parts: (1 + weight) per-head q/k norms, o_proj biased like q/k/v
-    by attention_bias, and scores scaled by query_pre_attn_scalar ** -0.5. No attention
-    soft-capping (see the module docstring)."""
+    """gqa.Attention (o_proj biased like q/k/v by attention_bias, as the spec says) with Gemma's
+    (1 + weight) per-head q/k norms and scores scaled by query_pre_attn_scalar ** -0.5. No
+    attention soft-capping (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, layer: LayerSpec):
         super().__init__(spec, layer)
-        g, cfg = spec.gqa, spec.config
-        eps = cfg.get("rms_norm_eps", 1e-6)
+        g = spec.gqa
         # gqa.Attention scales scores by head_dim ** -0.5. RoPE and q.k are linear in q, so the rest
         # of Gemma's scale is applied to q as it leaves its norm (after the cast: a float64 model
         # stays exact, the norm itself still runs in float32).
-        scalar = float(cfg.get("query_pre_attn_scalar", DEFAULT_QUERY_PRE_ATTN_SCALAR))
-        self.q_norm = GemmaRMSNorm(g.head_dim, eps, gain=(g.head_dim / scalar) ** 0.5)
-        self.k_norm = GemmaRMSNorm(g.head_dim, eps)
-        # The spec takes o_bias from attention_bias only for llama/mistral/mixtral/gpt-oss; Gemma3 biases o_proj too.
-        self.o_proj = nn.Linear(self.o_proj.in_features, self.o_proj.out_features,
-                                bias=bool(cfg.get("attention_bias", False)))
+        scalar = spec.gemma.query_pre_attn_scalar
+        self.q_norm = GemmaRMSNorm(g.head_dim, spec.norm_eps, gain=(g.head_dim / scalar) ** 0.5)
+        self.k_norm = GemmaRMSNorm(g.head_dim, spec.norm_eps)
 
 
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec, approximate: str):
         super().__init__()
-        h, eps = spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6)
+        h, eps = spec.hidden_size, spec.norm_eps
         self.kind = "sliding_attention" if layer.attention == "sliding" else "full_attention"
         self.self_attn = Attention(spec, layer)
         self.mlp = GeluMLP(h, spec.dense_intermediate or 0, approximate)
@@ -146,31 +114,25 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, layer, approximate) for layer in spec.layers)
-        self.norm = GemmaRMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6))
+        self.norm = GemmaRMSNorm(spec.hidden_size, spec.norm_eps)
 
 
 class CausalLM(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        cfg = spec.config
-        if spec.gqa is None or spec.dense_intermediate is None:
-            raise TierlmError("gemma3_text needs a GQA attention spec and intermediate_size")
-        if cfg.get("use_bidirectional_attention"):
+        gemma = spec.gemma
+        if spec.gqa is None or spec.dense_intermediate is None or gemma is None:
+            raise TierlmError("gemma3_text needs a GQA attention spec, intermediate_size and Gemma settings")
+        if gemma.bidirectional:
             raise TierlmError("gemma3_text with use_bidirectional_attention (an encoder) is not supported; "
                               "this family is the causal decoder")
-        act = cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh"))
-        if act not in ACTIVATIONS:
-            raise TierlmError(f"gemma3_text hidden_activation {act!r} is not supported "
-                              f"(supported: {', '.join(ACTIVATIONS)})")
         self.spec = spec
-        self.model = Decoder(spec, ACTIVATIONS[act])
+        self.model = Decoder(spec, ACTIVATIONS[gemma.hidden_activation])
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.embed_scale = math.sqrt(spec.hidden_size)
-        self.final_softcap = cfg.get("final_logit_softcapping")
-        self.rope = rope_parameters(cfg)
-        for kind, (theta, scaling) in self.rope.items():   # fail at build time on an unsupported type
-            rope_inv_freq(spec.gqa.head_dim, theta, scaling, max_position=spec.max_position, device="cpu")
+        self.final_softcap = gemma.final_logit_softcapping
+        self.rope = {"full_attention": spec.rope, "sliding_attention": gemma.sliding_rope}
 
     # The step protocol of the GQA families: Cache -> Step -> hidden -> advance -> logits.
     cache_layers = gqa.CausalLM.cache_layers
@@ -183,11 +145,9 @@ class CausalLM(nn.Module):
         positions = step.positions                                         # [B, T]
         tables = {}                                                        # kind -> cos, sin [B, T, D]
         for kind in {block.kind for block in self.model.layers}:
-            theta, scaling = self.rope[kind]
-            inv = rope_inv_freq(self.spec.gqa.head_dim, theta, scaling, device=x.device,
-                                max_position=self.spec.max_position)
-            cos, sin = rope_cos_sin(positions.reshape(-1), inv, x.dtype,
-                                    rope_attention_factor(scaling, self.spec.max_position))
+            rope = self.rope[kind]
+            cos, sin = rope_cos_sin(positions.reshape(-1), rope_inv_freq(rope, device=x.device), x.dtype,
+                                    rope.attention_factor)
             tables[kind] = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         for block in self.model.layers:
             x = block(x, positions, *tables[block.kind], step)

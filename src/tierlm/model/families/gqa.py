@@ -19,18 +19,8 @@ from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..ops import Step, gather, store
 from ..engram import Engram, EngramHashing
-from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
-
-# rope_theta when the config names none (the config classes' defaults).
-DEFAULT_THETA = {"gpt_oss": 150000.0}
-
-
-def _rope_config(spec: ModelSpec) -> tuple[float, dict | None]:
-    cfg = spec.config
-    params = cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA.get(spec.family, 10000.0)))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    return float(theta), scaling
+from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, rope_cos_sin, rope_inv_freq
+from ..moe import dispatch
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -46,7 +36,7 @@ class Attention(nn.Module):
         super().__init__()
         g = spec.gqa
         assert g is not None
-        h, eps = spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6)
+        h, eps = spec.hidden_size, spec.norm_eps
         self.heads, self.kv_heads, self.head_dim = g.num_heads, g.num_kv_heads, g.head_dim
         self.index = layer.index
         self.window = layer.window if layer.attention == "sliding" else None
@@ -115,7 +105,7 @@ class MoE(nn.Module):
         m = spec.moe
         assert m is not None
         self.top_k = m.top_k
-        self.normalize = True if mixtral else bool(spec.config.get("norm_topk_prob", False))
+        self.normalize = m.router.norm_topk_prob
         self.gate = nn.Linear(spec.hidden_size, m.num_experts, bias=False)
         if mixtral:
             self.experts = nn.ModuleList(SwiGLUW(spec.hidden_size, m.expert_intermediate)
@@ -132,10 +122,7 @@ class MoE(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None].to(x.dtype))
+        out = dispatch(x, chosen, weights.to(x.dtype), lambda e, rows: self.experts[e](rows))
         return out.reshape(shape)
 
 
@@ -151,19 +138,14 @@ class GptOssMoE(nn.Module):
         E, h, inter = m.num_experts, spec.hidden_size, m.expert_intermediate
         self.top_k = m.top_k
         self.router = nn.Linear(h, E, bias=True)
-        self.experts = _GptOssExperts(E, h, inter, float(spec.config.get("swiglu_limit", 7.0)),
-                                      float(spec.config.get("swiglu_alpha", 1.702)))
+        self.experts = _GptOssExperts(E, h, inter, m.swiglu_limit, m.swiglu_alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         top, chosen = torch.topk(self.router(x), self.top_k, dim=-1)
         weights = torch.softmax(top, dim=-1)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, (self.experts(e, x[rows]) * weights[rows, slot, None]).to(x.dtype))
-        return out.reshape(shape)
+        return dispatch(x, chosen, weights, self.experts).reshape(shape)
 
 
 class _GptOssExperts(nn.Module):
@@ -186,7 +168,7 @@ class _GptOssExperts(nn.Module):
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec):
         super().__init__()
-        eps = spec.config.get("rms_norm_eps", 1e-6)
+        eps = spec.norm_eps
         gpt_oss = spec.family == "gpt_oss"
         self.input_layernorm = RMSNorm(spec.hidden_size, eps, cast_last=gpt_oss)
         self.self_attn = Attention(spec, layer)
@@ -214,7 +196,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, layer) for layer in spec.layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6), cast_last=spec.family == "gpt_oss")
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, cast_last=spec.family == "gpt_oss")
 
 
 class CausalLM(nn.Module):
@@ -224,8 +206,6 @@ class CausalLM(nn.Module):
         self.model = Decoder(spec)
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.theta, self.scaling = _rope_config(spec)
-        self.rope_factor = rope_attention_factor(self.scaling, spec.max_position)   # yarn's cos/sin scale
         # Engram lookup indices depend on token ids only: computed here, outside the blocks.
         # Replace with EngramHashing.from_spec(spec, lookup_table) to use a tokenizer's compression.
         self.engram_hashing = EngramHashing.from_spec(spec) if spec.engram is not None else None
@@ -246,9 +226,9 @@ class CausalLM(nn.Module):
     def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         """Final hidden states [B, T, D] of input_ids [B, T] over the step's cache views."""
         x = self.model.embed_tokens(input_ids)
-        inv = rope_inv_freq(self.spec.gqa.head_dim, self.theta, self.scaling, device=x.device,
-                            max_position=self.spec.max_position)
-        cos, sin = rope_cos_sin(step.positions.reshape(-1), inv, x.dtype, self.rope_factor)
+        rope = self.spec.rope
+        cos, sin = rope_cos_sin(step.positions.reshape(-1), rope_inv_freq(rope, device=x.device), x.dtype,
+                                rope.attention_factor)
         cos, sin = cos.view(*step.positions.shape, -1), sin.view(*step.positions.shape, -1)
         engram = self.engram_hashing.step(input_ids, step) if self.engram_hashing is not None else None
         for block in self.model.layers:

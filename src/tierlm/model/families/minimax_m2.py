@@ -4,9 +4,8 @@ What differs from the other GQA families (gqa.py):
   * q/k RMSNorm over the whole projection ("full": q_norm has num_heads * head_dim weights,
     k_norm num_kv_heads * head_dim), applied before the heads are split;
   * partial RoPE: only the first int(head_dim * partial_rotary_factor) dimensions of each head
-    rotate (rotate-half convention), the rest pass through. The factor is read as transformers
-    5.23 reads it: rope_parameters.partial_rotary_factor, else a top-level partial_rotary_factor,
-    else the released checkpoints' legacy rotary_dim / head_dim; rope_theta defaults to 5e6;
+    rotate (rotate-half convention), the rest pass through (spec.rope.dim; the parser reads the
+    factor as transformers 5.23 does, the released checkpoints' legacy rotary_dim included);
   * a sigmoid router: scores = sigmoid(logits) in float32; the top-k experts are chosen on
     scores + e_score_correction_bias (selection only), their weights are the unbiased scores
     renormalised to sum to one (no extra scaling factor);
@@ -31,34 +30,10 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..layers import RMSNorm, SwiGLUW, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLUW, rope_cos_sin, rope_inv_freq
+from ..moe import dispatch
 from ..ops import Step
 from . import gqa
-
-DEFAULT_THETA = 5000000.0      # MiniMaxM2Config.default_theta
-
-
-def rope_config(spec: ModelSpec) -> tuple[float, dict | None, int]:
-    """(theta, scaling or None, rotary dim fed to the inverse-frequency formula)."""
-    cfg = spec.config
-    head_dim = spec.gqa.head_dim
-    # transformers: a rope_scaling entry replaces rope_parameters; missing keys come from the top level.
-    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA)))
-    factor = params.get("partial_rotary_factor")
-    if factor is None:
-        factor = cfg.get("partial_rotary_factor")
-    if factor is None and cfg.get("rotary_dim") is not None:
-        factor = cfg["rotary_dim"] / head_dim
-    factor = 1.0 if factor is None else float(factor)
-    if not 0 < factor <= 1:
-        raise TierlmError(f"minimax_m2: partial rotary factor must be in (0, 1], got {factor}")
-    dim = int(head_dim * factor)
-    if dim < 2:
-        raise TierlmError(f"minimax_m2: rotary dimension {dim} (head_dim {head_dim} x {factor}) is too small")
-    kind = params.get("rope_type", params.get("type", "default"))
-    scaling = params if kind != "default" else None
-    return theta, scaling, dim
 
 
 class FusedExperts(nn.Module):
@@ -104,18 +79,15 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self.experts(e, x[rows]) if self.fused else self.experts[e](x[rows])
-            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(x.dtype))
-        return out.reshape(shape)
+        # The float32 weights multiply the expert outputs before the cast to the model dtype.
+        expert = self.experts if self.fused else lambda e, rows: self.experts[e](rows)
+        return dispatch(x, chosen, weights, expert).reshape(shape)
 
 
 class Block(nn.Module):
     def __init__(self, spec: ModelSpec, layer: LayerSpec, fused: bool):
         super().__init__()
-        eps = spec.config.get("rms_norm_eps", 1e-6)
+        eps = spec.norm_eps
         self.input_layernorm = RMSNorm(spec.hidden_size, eps)
         self.self_attn = gqa.Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
@@ -132,7 +104,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, layer, fused) for layer in spec.layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.config.get("rms_norm_eps", 1e-6))
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
 
 
 class CausalLM(nn.Module):
@@ -142,8 +114,6 @@ class CausalLM(nn.Module):
         self.model = Decoder(spec, fused)
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.theta, self.scaling, self.rotary_dim = rope_config(spec)
-        self.rope_factor = rope_attention_factor(self.scaling, spec.max_position)
 
     # The step protocol and output head of the GQA families: Cache -> Step -> hidden -> advance -> logits.
     cache_layers = gqa.CausalLM.cache_layers
@@ -153,9 +123,9 @@ class CausalLM(nn.Module):
     def hidden(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         """Final hidden states [B, T, D] of input_ids [B, T] over the step's cache views."""
         x = self.model.embed_tokens(input_ids)
-        inv = rope_inv_freq(self.rotary_dim, self.theta, self.scaling, device=x.device,
-                            max_position=self.spec.max_position)
-        cos, sin = rope_cos_sin(step.positions.reshape(-1), inv, x.dtype, self.rope_factor)
+        rope = self.spec.rope                                              # partial: rope.dim < head_dim
+        cos, sin = rope_cos_sin(step.positions.reshape(-1), rope_inv_freq(rope, device=x.device), x.dtype,
+                                rope.attention_factor)
         cos, sin = cos.view(*step.positions.shape, -1), sin.view(*step.positions.shape, -1)   # [B, T, rot]
         for block in self.model.layers:
             x = block(x, step.positions, cos, sin, step)
@@ -165,9 +135,6 @@ class CausalLM(nn.Module):
 def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:
     if spec.gqa is None or spec.moe is None:
         raise TierlmError("minimax_m2 needs attention (gqa) and MoE settings in its spec")
-    scoring = spec.config.get("scoring_func", "sigmoid")
-    if scoring != "sigmoid":
-        raise TierlmError(f"minimax_m2: scoring_func {scoring!r} is not supported (only 'sigmoid')")
     if any(layer.ffn != "moe" for layer in spec.layers):
         raise TierlmError("minimax_m2: every layer is expected to be a MoE layer")
     fused = any(".mlp.experts.gate_up_proj" in n for n in checkpoint_names)
