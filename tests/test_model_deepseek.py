@@ -210,7 +210,7 @@ def test_dsa_reads_only_topk_latents(tmp_path, case, monkeypatch):
         for i in range(len(layers)):
             top = tops.get(i, top)                                 # IndexShare layers reuse the previous top-k
             assert top.shape == (2, 1, k) and (top >= 0).all()
-            pages = poisoned.pools.pages[i, "latent"]
+            pages = poisoned.pools.pages[i, "latent"][:-1]             # without the spare page
             entries = pages.view(2, -1, pages.shape[-1])           # row b: blocks b * capacity...
             keep = torch.zeros(entries.shape[:2], dtype=torch.bool).scatter_(1, top[:, 0], True)
             entries[~keep] = float("nan")
@@ -358,7 +358,7 @@ def test_official_indexer_caches_fp8_keys(official_model, scale_fmt):
     finally:
         hook.remove()
         ours.args.index_scale_fmt = None
-    pages = cache.pools.pages[layer, "indexer"]                    # row b holds blocks b * capacity...
+    pages = cache.pools.pages[layer, "indexer"][:-1]               # row b holds blocks b * capacity...
     cached = pages.view(2, -1, pages.shape[-1])[:, :cache.length]  # [B, T, 128]
     assert cached.shape == (2, T, 128) and cached.dtype == torch.float64
     rotated = k @ _sylvester(128).T

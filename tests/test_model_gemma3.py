@@ -104,7 +104,7 @@ def poison_outside_windows(model, cache):
             continue
         old = max(0, cache.length - layer.window + 1)
         for name in ("k", "v"):
-            pages = cache.pools.pages[layer.index, name]               # [B * capacity, block, width]
+            pages = cache.pools.pages[layer.index, name][:-1]          # [B * capacity, block, width] + spare
             rows = pages.view(-1, cache.capacity * pages.shape[1], pages.shape[2])
             rows[:, :old] = float("nan")
 

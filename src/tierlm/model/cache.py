@@ -40,9 +40,9 @@ class Cache:
             groups = CachePools.block_bytes(spec, model.cache_layers(), block, dtype, "auto", "auto")
             pools = CachePools(spec, model.cache_layers(), {g: b * cap for g in groups}, block, dtype, device=device)
             if self.pools is not None:
-                for key, old in self.pools.pages.items():
-                    per = old.shape[0] // b
-                    pools.pages[key].view(b, cap, *old.shape[1:])[:, :per] = old.view(b, per, *old.shape[1:])
+                for key, old in self.pools.pages.items():         # the last page is the spare one
+                    per = (old.shape[0] - 1) // b
+                    pools.pages[key][:-1].view(b, cap, *old.shape[1:])[:, :per] = old[:-1].view(b, per, *old.shape[1:])
             self.pools, self.capacity = pools, cap
         table = torch.arange(b * self.capacity, device=device).view(b, self.capacity)
         positions = (self.length + torch.arange(t, device=device)).expand(b, t)

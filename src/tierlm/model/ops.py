@@ -9,14 +9,15 @@ pages. Every attention kind then does the same three things: compute its new ent
 range, window, `pos // ratio`, indexer top-k); `gather` those entries and attend.
 
 Logical entry i of a stream with ratio r lives in logical page i // (block // r) of the
-sequence, whose physical page is `table[b, page]` (-1: not held). Storing before reading
+sequence, whose physical page is `table[b, page]` (-1: not held). Every page tensor ends with
+one spare page that is never written: entries not held read from it, as zeros. Storing before reading
 means the chunk's own entries come from the same pages as everything else, so a float64
 model run through the pages is the same arithmetic as one run without them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,16 +36,26 @@ class StreamView:
     per_page: int          # entries per page: block // ratio (window-like streams: block)
     dtype: torch.dtype     # dtype entries are returned in (the model's compute dtype)
     fp8: bool = False
+    memo: dict = field(default_factory=dict)   # shared by one step's views: slots per (table, page size, index)
 
     def slots(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """index [B, ...] logical entries -> (flat slots, held mask), same shape."""
+        """index [B, ...] logical entries -> (flat slots, held mask), same shape; entries not
+        held map to the spare page's first slot. Every layer of a group asks for the same
+        indices, so the result is kept for the step."""
+        key = (id(self.table), self.per_page, id(index))
+        hit = self.memo.get(key)
+        if hit is not None and hit[0] is index:
+            return hit[1], hit[2]
         b = index.shape[0]
         flat = index.reshape(b, -1)
         page = (flat.clamp(min=0) // self.per_page).clamp(max=self.table.shape[1] - 1)
         phys = self.table.gather(1, page)
         ok = (flat >= 0) & (phys >= 0)
-        slot = phys.clamp(min=0) * self.per_page + flat.clamp(min=0) % self.per_page
-        return slot.view(index.shape), ok.view(index.shape)
+        spare = (self.pages.shape[0] - 1) * self.per_page
+        slot = torch.where(ok, phys * self.per_page + flat.clamp(min=0) % self.per_page, spare)
+        out = slot.view(index.shape), ok.view(index.shape)
+        self.memo[key] = (index, *out)
+        return out
 
 
 def store(view: StreamView, index: torch.Tensor, x: torch.Tensor) -> None:
@@ -56,10 +67,9 @@ def store(view: StreamView, index: torch.Tensor, x: torch.Tensor) -> None:
 
 def gather(view: StreamView, index: torch.Tensor) -> torch.Tensor:
     """Entries at logical index [B, ...] -> [B, ..., width]; entries not held read as 0."""
-    slot, ok = view.slots(index)
+    slot, _ = view.slots(index)
     flat = view.pages.view(-1, view.pages.shape[-1])
-    out = decode(view, flat[slot.reshape(-1)]).view(*index.shape, -1)
-    return out.masked_fill(~ok.unsqueeze(-1), 0)
+    return decode(view, flat[slot.reshape(-1)]).view(*index.shape, -1)
 
 
 def encode(view: StreamView, x: torch.Tensor) -> torch.Tensor:
@@ -116,14 +126,27 @@ class Step:
     def new_index(self, ratio: int = 1) -> torch.Tensor:
         """[B, T] logical index of the entry each new token completes (ratio r: one entry per
         r tokens, made by the token at position r*i + r - 1), -1 where it completes none."""
+        return self._memo(("new", ratio), self._new_index, ratio)
+
+    def key_index(self, window: int = 0) -> torch.Tensor:
+        """[B, S] logical positions the step's queries may need: all cached and new ones, or
+        with a window only from the first query's window start. -1 past a row's end."""
+        return self._memo(("key", window), self._key_index, window)
+
+    def _memo(self, key, fn, arg):
+        # The same tensor object for every layer, so StreamView.slots can reuse its slots.
+        memo = self.__dict__.setdefault("_indices", {})
+        if key not in memo:
+            memo[key] = fn(arg)
+        return memo[key]
+
+    def _new_index(self, ratio: int) -> torch.Tensor:
         if ratio == 1:
             return torch.where(self.valid, self.positions, -1)
         done = self.valid & ((self.positions + 1) % ratio == 0)
         return torch.where(done, (self.positions + 1) // ratio - 1, -1)
 
-    def key_index(self, window: int = 0) -> torch.Tensor:
-        """[B, S] logical positions the step's queries may need: all cached and new ones, or
-        with a window only from the first query's window start. -1 past a row's end."""
+    def _key_index(self, window: int) -> torch.Tensor:
         ends = self.ends
         lo = (self.starts - window + 1).clamp(min=0) if window else torch.zeros_like(self.starts)
         s = int((ends - lo).max())

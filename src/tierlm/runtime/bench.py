@@ -71,8 +71,8 @@ def decode_at(llm: LLM, context: int, tokens: int = 16, seed: int = 0) -> dict:
     seq = llm.scheduler.waiting.popleft()
     g = torch.Generator(device="cpu").manual_seed(seed)
     for t in llm.manager.pools.pages.values():
-        if t.is_floating_point():
-            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype))
+        if t.is_floating_point():                   # all but the spare page, which must read as zeros
+            t[:-1].copy_(torch.randn(t[:-1].shape, generator=g, dtype=torch.float32).to(t.dtype))
     seq.num_computed = context - 1                  # only the last prompt token is left to run
     llm.manager.allocate(seq, context)
     seq.status = type(seq.status).RUNNING

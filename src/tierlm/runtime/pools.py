@@ -64,7 +64,7 @@ class CachePools:
         for li, streams in self.streams.items():
             for s in streams:
                 name = self.dtype_name(s)
-                shape = (self.blocks[window_of(s)], entries_per_page(s, block))
+                shape = (self.blocks[window_of(s)] + 1, entries_per_page(s, block))   # + the spare page
                 if name == "fp8":
                     t = torch.zeros(*shape, tierlm_record_bytes(s, s.width, "fp8"), dtype=torch.uint8, device=device)
                 else:
@@ -99,8 +99,9 @@ class CachePools:
 
     def views(self, tables: dict[int, torch.Tensor]) -> dict[int, dict[str, StreamView]]:
         """Views of every stream for one step, given each group's block table [B, max_pages]."""
+        memo: dict = {}
         return {li: {s.name: StreamView(s, self.pages[li, s.name], tables[window_of(s)],
                                         entries_per_page(s, self.block), self.dtype,
-                                        self.dtype_name(s) == "fp8")
+                                        self.dtype_name(s) == "fp8", memo)
                      for s in streams}
                 for li, streams in self.streams.items()}

@@ -75,25 +75,24 @@ class Attention(nn.Module):
         keys = step.key_index(self.window or 0)                            # [B, S] positions
         k = gather(kview, keys).view(B, -1, self.kv_heads, self.head_dim)
         v = gather(vview, keys).view(B, -1, self.kv_heads, v.shape[-1])
-        rep, kvh = self.heads // self.kv_heads, self.kv_heads
-        # Each KV head serves `rep` query heads: fold them into the query axis instead of
-        # repeating K/V. q: [B, KV, rep*T, D]; k, v: [B, KV, S, D]
-        q = q.transpose(1, 2).reshape(B, kvh, rep * T, -1)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
         kp, qp = keys[:, None, :], positions[:, :, None]
         visible = (kp >= 0) & (kp <= qp)                                   # [B, T, S]
         if self.window is not None:
             visible &= kp > qp - self.window
-        scores = (q @ k.transpose(-1, -2)).view(B, self.heads, T, -1) * self.head_dim ** -0.5
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))    # [B, H, T, S]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T or S, D]
+        rep = self.heads // self.kv_heads
         if self.sinks is None:
-            probs = torch.softmax(scores, dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=self.head_dim ** -0.5,
+                                                 enable_gqa=rep > 1)      # [B, H, T, Dv]
         else:
+            # gpt-oss: a learned logit per head joins each softmax denominator (attends to nothing)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+            scores = scores.masked_fill(~visible[:, None], float("-inf"))
             sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(B, -1, T, 1)
             logits = torch.cat([scores, sink], dim=-1)
             logits = logits - logits.amax(dim=-1, keepdim=True)
-            probs = torch.softmax(logits, dim=-1)[..., :-1]                # the sink's share is dropped
-        out = (probs.reshape(B, kvh, rep * T, -1) @ v).view(B, self.heads, T, -1)   # [B, H, T, Dv]
+            out = torch.softmax(logits, dim=-1)[..., :-1] @ v                # the sink's share is dropped
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
