@@ -4,7 +4,8 @@ Streams fall into groups by how long they are kept (`tierlm.spec.cache.window_of
 holds per-token streams (every block of a sequence), group W > 0 holds streams whose blocks
 are freed once they are wholly older than W positions (sliding windows, V4 compressor
 buffers). Each group has its own block ids and one page tensor per (layer, stream), so one
-block id of a group names the same token range in all of that group's pages.
+block id of a group names the same token range in all of that group's pages. Each page tensor
+has one spare page past the group's blocks, never written, which entries not held read from.
 """
 
 from __future__ import annotations

@@ -100,7 +100,6 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
-    arrival: int = 0
     generator: object = None        # torch.Generator for seeded sampling
     drafts: list[int] = field(default_factory=list)         # speculative tokens to verify next step
 
