@@ -159,7 +159,7 @@ class LLM:
             raise TierlmError(f"prompt of {len(ids)} tokens does not fit max_model_len {self.max_model_len} "
                               "(one position is needed for the first output token)")
         total = min(len(ids) + params.max_tokens, self.max_model_len)
-        why = self.manager.fits_ever(total, self.chunk)
+        why = self.manager.fits_ever(total + self.scheduler.reserve, self.chunk)   # + draft positions
         if why:
             raise TierlmError(f"request can never fit in the cache pools: it {why}; raise cache_bytes "
                               "or lower max_tokens")
