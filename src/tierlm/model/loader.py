@@ -18,7 +18,7 @@ from rich.progress import Progress
 from safetensors import SafetensorError, safe_open
 
 from ..errors import TierlmError
-from ..spec.config import load_config_file, parse_config
+from ..spec import load_config_file, parse_config
 from ..spec.model import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
