@@ -100,7 +100,7 @@ class MTPSpeculator:
         for r in rows:
             seq = batch[r][0]
             seq.drafts = [int(logits[r, lasts[r]].argmax())]
-        cur = x[rows, torch.tensor([lasts[r] for r in rows])].unsqueeze(1)       # [R, 1, ...]
+        cur = x[rows, torch.tensor([lasts[r] for r in rows], device=h.device)].unsqueeze(1)   # [R, 1, ...]
         for d in range(1, self.k):
             seqs = [batch[r][0] for r in rows]
             keep = [i for i, s in enumerate(seqs) if len(s) + d < e.max_model_len]
