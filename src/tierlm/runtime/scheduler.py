@@ -61,7 +61,8 @@ class Scheduler:
             self.manager.allocate(seq, seq.num_computed + n + self.reserve)
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            seq.num_cached_prompt = max(seq.num_cached_prompt, min(seq.num_computed, seq.num_prompt))
+            if not seq.output_ids:                       # a recompute after preemption is not a prompt hit
+                seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
