@@ -145,7 +145,7 @@ def test_bad_speculative_settings(family, tmp_path):
     name, path, want = family
     for bad in ({"method": "eagle"}, {"method": "mtp", "num_tokens": 0}, {"method": "mtp", "k": 2}, "mtp"):
         with pytest.raises(TierlmError, match="speculative"):
-            spec_llm(path, 1) if bad is None else LLM(path, speculative=bad)
+            LLM(path, speculative=bad)
     ref, plain = ds.make(tmp_path, DS["v3-qlora-group"])                 # no MTP block in the checkpoint
     with pytest.raises(TierlmError, match="needs a checkpoint with an MTP block"):
         LLM(plain, speculative={"method": "mtp", "num_tokens": 1})

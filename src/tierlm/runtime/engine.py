@@ -68,16 +68,15 @@ class LLM:
             self.speculator = MTPSpeculator.check(self.model, speculative)
         self.layers = self.model.cache_layers() if self.speculator else self.model.cache_layers()[:spec.num_layers]
         per_block = CachePools.block_bytes(spec, self.layers, self.block, self.dtype, self.kv_dtype, self.indexer_dtype)
-        blocks = self._blocks(per_block, cache_bytes, max_num_seqs, max_num_batched_tokens)
+        reserve = 2 * self.speculator.k if self.speculator else 0   # draft positions a decode step may write
+        blocks = self._blocks(per_block, cache_bytes, max_num_seqs, max_num_batched_tokens + reserve)
         pools = CachePools(spec, self.layers, blocks, self.block, self.dtype, self.kv_dtype, self.indexer_dtype,
                            self.device)
         self.manager = CacheManager(pools, self.fingerprint(reference), enable_prefix_caching,
                                     keep_last_block=self.speculator is not None)
-        k = self.speculator.k if self.speculator else 0
-        self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=2 * k)
+        self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=reserve)
         if self.speculator is not None:
             self.speculator.bind(self)
-        self.chunk = max_num_batched_tokens
         self.tokenizer = _tokenizer(self.path)
         self.eos = _eos_ids(self.path)
         self._requests: dict[str, list[Sequence]] = {}
@@ -86,7 +85,7 @@ class LLM:
     # ------------------------------------------------------------------ sizing
     def _blocks(self, per_block: dict[int, int], cache_bytes: int | None, seqs: int, chunk: int) -> dict[int, int]:
         """cache_bytes buys sequences of max_model_len: each group gets its share of blocks, a
-        window group what one sequence can hold at once during a prefill chunk. Default: room
+        window group what one sequence can hold at once during a step of `chunk` positions. Default: room
         for max_num_seqs such sequences, within a quarter of free RAM (90% of free GPU memory)."""
         need = {g: (-(-self.max_model_len // self.block) if g == 0 else -(-(g + chunk) // self.block) + 1)
                 for g in per_block}
@@ -159,7 +158,7 @@ class LLM:
             raise TierlmError(f"prompt of {len(ids)} tokens does not fit max_model_len {self.max_model_len} "
                               "(one position is needed for the first output token)")
         total = min(len(ids) + params.max_tokens, self.max_model_len)
-        why = self.manager.fits_ever(total + self.scheduler.reserve, self.chunk)   # + draft positions
+        why = self.manager.fits_ever(total + self.scheduler.reserve, self.scheduler.budget)   # + draft positions
         if why:
             raise TierlmError(f"request can never fit in the cache pools: it {why}; raise cache_bytes "
                               "or lower max_tokens")

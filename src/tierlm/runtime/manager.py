@@ -39,10 +39,7 @@ class CacheManager:
     def fits_ever(self, total_tokens: int, chunk: int) -> str | None:
         """Why one sequence of total_tokens, prefilled in chunks of `chunk`, can never fit (None: it can)."""
         for g in self.groups:
-            if g == 0:
-                need = -(-total_tokens // self.block)
-            else:
-                need = max(len(self.span(g, s, min(s + chunk, total_tokens))) for s in range(0, total_tokens, chunk))
+            need = max(len(self.span(g, s, min(s + chunk, total_tokens))) for s in range(0, total_tokens, chunk))
             if need > self.bp[g].num_blocks:
                 kind = "full-attention" if g == 0 else f"window-{g}"
                 return f"needs {need} {kind} cache blocks of {self.block} tokens, the pools hold {self.bp[g].num_blocks}"
@@ -74,10 +71,14 @@ class CacheManager:
             if g == 0:
                 continue
             table = seq.tables.get(g, [])
-            for i in range(min(first_held_block(g, seq.num_computed, self.block), len(table))):
-                if table[i] >= 0:
-                    self.bp[g].release(table[i])
-                    table[i] = -1
+            # held blocks are contiguous: walk back from the cut to the freed ones, release oldest first
+            cut = min(first_held_block(g, seq.num_computed, self.block), len(table))
+            first = cut
+            while first > 0 and table[first - 1] >= 0:
+                first -= 1
+            for i in range(first, cut):
+                self.bp[g].release(table[i])
+                table[i] = -1
 
     def free(self, seq: Sequence) -> None:
         for g, table in seq.tables.items():
