@@ -186,3 +186,70 @@ def test_sparse_read_volume():
     assert cache_read_bytes(spec, S, "bf16", "bf16", False) == expected
     spec = load_spec("meta-llama/Llama-3.1-8B-Instruct")
     assert cache_read_bytes(spec, S, "bf16", "bf16", False) == 32 * 2 * 8 * 128 * 2 * S
+
+
+# --- hybrid attention kinds (kvcache.ai kv-cache-calculator.js @9753288; models.yaml fields) ---
+def state(model, tokens=1000, batch=1, state_dtype="auto", mtp=False):
+    layers = cache_bytes(load_spec(model), tokens, batch, "bf16", "bf16", mtp, "ideal", 1, state_dtype)
+    return sum(c.state_bytes for c in layers)
+
+
+def test_gated_delta_net():
+    # Qwen3.5-27B: 16 full layers x 2 x 4 KV heads x 256 hold KV; the 48 GDN layers hold a fixed state:
+    # conv (4 - 1) x (2 x 16 x 128 + 48 x 128) bf16 + recurrent 48 x 128 x 128 (mamba_ssm_dtype float32).
+    assert total("Qwen/Qwen3.5-27B", 5000)[0] == 16 * 2 * 4 * 256 * 2 * 5000
+    conv, rec = 3 * (2 * 16 * 128 + 48 * 128), 48 * 128 * 128
+    assert state("Qwen/Qwen3.5-27B") == 48 * (conv * 2 + rec * 4) == state("Qwen/Qwen3.5-27B", tokens=9)
+    # --state-dtype bf16 halves the recurrent state only; the conv history stays bf16.
+    assert state("Qwen/Qwen3.5-27B", state_dtype="bf16", batch=2) == 2 * 48 * (conv * 2 + rec * 2)
+
+
+def test_kda_linear_attention():
+    # Kimi K3: 24 MLA layers x (512 + 64); 69 KDA layers of 96 heads x 128 hold
+    # conv (4 - 1) x (3 x 96 x 128) bf16 + recurrent 96 x 128 x 128 fp32.
+    assert total("moonshotai/Kimi-K3", 3000)[0] == 24 * 576 * 2 * 3000
+    assert state("moonshotai/Kimi-K3") == 69 * (3 * 3 * 96 * 128 * 2 + 96 * 128 * 128 * 4)
+
+
+def test_msa_block_sparse_with_indexer():
+    # MiniMax M3: all 60 layers keep 2 x 4 x 128 K/V elements per token; the 57 MSA layers add a
+    # 128-element index key per token (the calculator pins it to bf16).
+    assert total("MiniMaxAI/MiniMax-M3", 2048, kv="fp8")[0] == (60 * 2 * 4 * 128 * 1 + 57 * 128 * 2) * 2048
+    # Decode reads the top 16 + 1 local blocks of 128 tokens on MSA layers, all keys on full ones.
+    spec = load_spec("MiniMaxAI/MiniMax-M3")
+    S = 100_000
+    assert cache_read_bytes(spec, S, "bf16", "bf16", False) == (
+        3 * 2 * 4 * 128 * 2 * S + 57 * (2 * 4 * 128 * 2 * 17 * 128 + 128 * 2 * S))
+
+
+def test_shared_kv_layers_and_global_head_dim():
+    # Gemma 4 E2B: 35 layers, the last 20 reuse earlier KV; the 15 stored are 3 global (1 KV head x
+    # (512 + 512)) and 12 sliding (1 x (256 + 256), window 512).
+    S = 10_000
+    assert total("google/gemma-4-E2B", S)[0] == (3 * 1024 * S + 12 * 512 * 512) * 2
+    # 26B-A4B: global layers have their own KV head count (2) and head dim (512); sliding 8 x 256.
+    assert total("google/gemma-4-26B-A4B", S)[0] == (5 * 2 * 1024 * S + 25 * 8 * 512 * 1024) * 2
+
+
+def test_per_layer_type_heads_and_dims():
+    # MiMo-V2.5: full layers 4 KV heads, SWA layers 8, both with K 192 + V 128 (window 128).
+    S = 50_000
+    assert total("XiaomiMiMo/MiMo-V2.5", S)[0] == (9 * 4 * 320 * S + 39 * 8 * 320 * 128) * 2
+
+
+def test_sconv_state_and_draft_stack():
+    # Inkling: 11 global (8 KV x 2 x 128) + 55 SWA (16 KV, window 512); the 8-layer draft stack adds
+    # 2 global + 6 SWA layers. SConv keeps (4 - 1) x (2 x kv x d + 2 x 6144) bf16 per layer.
+    S = 4096
+    glob, swa = 8 * 2 * 128, 16 * 2 * 128
+    assert total("thinkingmachines/Inkling", S)[0] == (11 * glob * S + 55 * swa * 512) * 2
+    assert total("thinkingmachines/Inkling", S, mtp=True)[0] == (13 * glob * S + 61 * swa * 512) * 2
+    sconv = lambda kv: 3 * (2 * kv * 128 + 2 * 6144) * 2
+    assert state("thinkingmachines/Inkling") == 11 * sconv(8) + 55 * sconv(16)
+    assert state("thinkingmachines/Inkling", mtp=True) == 13 * sconv(8) + 61 * sconv(16)
+    assert state("thinkingmachines/Inkling", state_dtype="fp32") == state("thinkingmachines/Inkling")  # conv: bf16
+
+
+def test_state_dtype_applies_to_v4_compressor_state():
+    # V4's own state dtype is fp32 (official Compressor); --state-dtype bf16 halves it.
+    assert state("deepseek-ai/DeepSeek-V4-Pro", state_dtype="bf16") * 2 == state("deepseek-ai/DeepSeek-V4-Pro")

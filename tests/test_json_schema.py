@@ -184,7 +184,7 @@ def _broken(sample, edit):
     lambda p: p["limits"].update(max_context_on_device=None),
     lambda p: p["placement"]["items"]["kv_cache"].pop("unplaced"),
     lambda p: p["hardware"].update(devices=0),
-    lambda p: p["kv_cache"]["layers"][0].update(attention="linear"),
+    lambda p: p["kv_cache"]["layers"][0].update(attention="mamba"),
     lambda p: p["cost"].update(price_per_hour=None),
     lambda p: p["reload_vs_recompute"]["host"].update(break_even_context=1.5),
     lambda p: p.update(mtp=0),

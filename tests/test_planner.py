@@ -181,3 +181,30 @@ def test_weight_dtype_override():
     fp8 = plan("Qwen/Qwen3-8B", 4096, weight_dtypes={"attention": "fp8"}).data["weights"]["components"]
     assert fp8["dense_ffn"]["bytes"] == base["dense_ffn"]["bytes"]
     assert fp8["attention"]["bytes"] < base["attention"]["bytes"]
+
+
+def test_every_registry_model_plans_fast_at_four_contexts():
+    # `tierlm plan` of each registry model at four contexts stays under a second (all models of
+    # the kvcache.ai calculator included) and reports fixed state apart from KV.
+    import time
+
+    from tierlm.spec import entries
+    for model in sorted(entries()):
+        t0 = time.perf_counter()
+        for context in (4096, 32_768, 131_072, 1_000_000):
+            p = plan(model, context).data
+            kv = p["kv_cache"]
+            assert kv["total_bytes"] == kv["kv_bytes"] + kv["indexer_bytes"] + kv["state_bytes"]
+        assert time.perf_counter() - t0 < 1.0, model
+
+
+def test_state_dtype_option():
+    # Qwen3.5-27B's GDN state: --state-dtype bf16 halves the fp32 recurrent matrices (48 layers x
+    # 48 heads x 128 x 128), the bf16 conv history stays; kv bytes do not move.
+    auto = plan("Qwen/Qwen3.5-27B", 4096).data
+    bf16 = plan("Qwen/Qwen3.5-27B", 4096, state_dtype="bf16").data
+    assert auto["state_dtype"] == "auto" and bf16["state_dtype"] == "bf16"
+    assert auto["kv_cache"]["state_bytes"] - bf16["kv_cache"]["state_bytes"] == 48 * 48 * 128 * 128 * 2
+    assert auto["kv_cache"]["kv_bytes"] == bf16["kv_cache"]["kv_bytes"]
+    r = runner.invoke(app, ["plan", "qwen3.5-27b", "--context", "4096", "--state-dtype", "fp8"])
+    assert r.exit_code == 2 and "--state-dtype" in r.output

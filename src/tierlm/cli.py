@@ -42,6 +42,8 @@ def plan(
     batch: int = typer.Option(1, "--batch", "-b", help="Concurrent sequences."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp8 | fp4"),
     indexer_dtype: str = typer.Option("bf16", "--indexer-dtype", help="bf16 | fp8 | fp4 (DSA / V4 indexer keys)"),
+    state_dtype: str = typer.Option("auto", "--state-dtype", help="auto (each model's own) | fp32 | bf16 | fp16: "
+                                    "recurrent / compressor state"),
     mtp: bool = typer.Option(False, "--mtp", help="Include MTP / draft layers (cache and weights)."),
     hardware: str = typer.Option("h200", "--hardware", help="Catalog name (see `tierlm hardware`) or a JSON file."),
     devices: Optional[int] = typer.Option(None, "--devices", "--tp", help="Devices (tensor/expert parallel). Default: fewest that fit, up to one node."),
@@ -63,7 +65,8 @@ def plan(
         contexts = parse_count_list(context)
         if export is not None and export not in ("vllm", "sglang"):
             raise TierlmError(f"--export must be vllm or sglang, got {export!r}")
-        opts = Options(batch=batch, kv_dtype=kv_dtype, indexer_dtype=indexer_dtype, mtp=mtp, layout=layout,
+        opts = Options(batch=batch, kv_dtype=kv_dtype, indexer_dtype=indexer_dtype, state_dtype=state_dtype,
+                       mtp=mtp, layout=layout,
                        hardware=hardware, devices=devices, weight_dtypes=_weight_dtypes(weight_dtype) or None,
                        gpu_util=gpu_util)
         opts.check()
@@ -229,6 +232,66 @@ def bench(
     if mode == "decode":
         line += f" ({res['step_ms']:.2f} ms/step)"
     print(line + f"; cache {fmt_bytes(res['cache_bytes_per_seq'])} per sequence")
+
+
+@app.command()
+def demo(
+    steps: int = typer.Option(300, "--steps", help="Training steps (batch 8 x 256 tokens each)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[str] = typer.Option(None, "--out", help="Checkpoint directory (default: a cache directory "
+                                      "keyed by the settings, under $TIERLM_CACHE or ~/.cache/tierlm)."),
+    run_grpo: bool = typer.Option(False, "--grpo", help="Then improve it with GRPO (reward: the code parses)."),
+    grpo_steps: int = typer.Option(20, "--grpo-steps"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
+) -> None:
+    """Train a tiny DeepSeek-V4 on the Python standard library (Muon + MTP loss), serve it with
+    MTP speculation, and optionally improve it with GRPO."""
+    from pathlib import Path
+    from .units import fmt_bytes
+    try:
+        for name, v in (("--steps", steps), ("--grpo-steps", grpo_steps)):
+            if v < 1:
+                raise TierlmError(f"{name} must be >= 1, got {v}")
+        from .train import demo as d
+        settings = d.DemoSettings(steps=steps, seed=seed)
+        say = (lambda *a: None) if as_json else err.print
+        path, summary = d.build(settings, Path(out) if out else None, progress=not as_json, log=say)
+        rep = d.report(path)
+        result = {"checkpoint": str(path), "train": summary, "serve": rep}
+        if run_grpo:
+            result["grpo"] = d.grpo(path, settings, grpo_steps, progress=not as_json, log=say)
+    except TierlmError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        print(json.dumps(result))
+        return
+    mtp = rep["mtp"]
+    print(f"checkpoint: {path}")
+    print(f"training: {summary['train_tokens']:,} tokens at {summary['train_tokens_per_s']:,.0f} tok/s, "
+          f"loss {summary['first_loss']:.2f} -> {summary['final_loss']:.2f}, "
+          f"MTP loss {summary['first_mtp_loss']:.2f} -> {summary['final_mtp_loss']:.2f}")
+    print(f"--- {rep['prompt']!r} ->")
+    print(rep["prompt"] + rep["text"])
+    print(f"--- {rep['tokens']} tokens at {rep['tokens_per_s']:.1f} tok/s")
+    t = Table(title="cache bytes per sequence")
+    t.add_column("context", justify="right")
+    streams = sorted({k for c in rep["cache"].values() for k in c["by_stream"]})
+    for name in streams:
+        t.add_column(name, justify="right")
+    t.add_column("total", justify="right")
+    t.add_column("GQA, same width", justify="right")
+    for n, c in rep["cache"].items():
+        t.add_row(n, *[fmt_bytes(c["by_stream"].get(k, 0)) for k in streams], fmt_bytes(c["total"]),
+                  f"{fmt_bytes(c['gqa_same_width'])} ({c['gqa_same_width'] / c['total']:.0f}x)")
+    Console().print(t)
+    print(f"MTP speculation: acceptance {mtp['acceptance_rate']:.0%}, {mtp['tokens_per_s_on']:.1f} vs "
+          f"{mtp['tokens_per_s_off']:.1f} tok/s without ({mtp['speedup']:.2f}x), greedy output identical: "
+          f"{mtp['greedy_identical']}")
+    if run_grpo:
+        g = result["grpo"]
+        print(f"GRPO: held-out reward {g['reward_before']:.3f} -> {g['reward_after']:.3f}, rollouts "
+              f"{g['rollout_tokens_per_s']:,.0f} tok/s; saved to {g['saved']}")
 
 
 def main() -> None:

@@ -14,19 +14,21 @@ from ..spec.model import LayerSpec
 
 LAYOUTS = ("ideal", "vllm", "sglang", "tierlm")
 CACHE_DTYPES = ("bf16", "fp8", "fp4")
+STATE_DTYPES = ("auto", "fp32", "bf16", "fp16")    # auto: each state stream's own dtype
 BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "fp4": 4, "int4": 4, "int32": 32}
 
 # vLLM defaults: KV block of 16 tokens for standard attention, 64 for FlashMLA, 256-token
 # logical blocks for DeepSeek-V4; max_num_batched_tokens drives the sliding-window reservation.
-VLLM_BLOCK = {"full": 16, "sliding": 16, "mla": 64, "dsa": 64, "v4": 256}
+VLLM_BLOCK = {"full": 16, "sliding": 16, "msa": 16, "mla": 64, "dsa": 64, "v4": 256}
 VLLM_MAX_NUM_BATCHED_TOKENS = 8192
 SGLANG_SWA_TENTHS = 8   # swa_full_tokens_ratio = 0.8
 
 
 def record_bits(stream: CacheStream, width: int, dtype: str, layout: str, attention: str) -> int:
-    """Bits of one cache entry of `width` elements (width already split for TP)."""
+    """Bits of one cache entry of `width` elements (width already split for TP); for a state
+    stream `dtype` is its resolved state dtype (`state_dtype_of`)."""
     if stream.role == "state":
-        return width * 32                       # compressor buffers are fp32 in every layout
+        return width * BITS[dtype]              # fixed state is stored plain in every layout
     if layout == "ideal":
         return width * BITS[dtype]
     if layout == "tierlm":
@@ -42,11 +44,18 @@ def record_bits(stream: CacheStream, width: int, dtype: str, layout: str, attent
     return width * BITS[dtype]
 
 
+def state_dtype_of(stream: CacheStream, state_dtype: str) -> str:
+    """The dtype a state stream is stored in: its own unless --state-dtype overrides it (conv
+    histories keep theirs)."""
+    return stream.dtype if state_dtype == "auto" or stream.fixed_dtype else state_dtype
+
+
 def tierlm_record_bytes(stream: CacheStream, width: int, dtype: str) -> int:
     """Bytes of one entry in tierlm's pools. fp8: e4m3 values plus one fp32 scale per 128 of
     the quantised (non-rope) channels, the rope channels kept in bf16; other dtypes: plain."""
     if stream.role == "state":
-        return 4 * width
+        # fp32 as before (the engine also charges 4 B per element for a float64 model's state)
+        return 4 * width if dtype in ("fp32", "fp64") else width * BITS[dtype] // 8
     if dtype == "fp8":
         nope = width - stream.rope
         return nope + 4 * (-(-nope // 128)) + 2 * stream.rope

@@ -14,7 +14,7 @@ from ..errors import TierlmError
 from ..spec.cache import CacheStream, block_size, layer_cache_streams
 from ..spec.model import LayerSpec, ModelSpec
 from ..spec.params import COMPONENTS, ParamGroup, param_groups
-from .layouts import BITS, CACHE_DTYPES, LAYOUTS, record_bits, stored_entries
+from .layouts import BITS, CACHE_DTYPES, LAYOUTS, STATE_DTYPES, record_bits, state_dtype_of, stored_entries
 
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "fp8", "fp4", "int4")
 
@@ -34,25 +34,30 @@ class LayerCache:
         return self.kv_bytes + self.indexer_bytes + self.state_bytes
 
 
-def _dtype_for(stream: CacheStream, kv_dtype: str, indexer_dtype: str) -> str:
+def _dtype_for(stream: CacheStream, kv_dtype: str, indexer_dtype: str, state_dtype: str = "auto") -> str:
+    if stream.role == "state":
+        return state_dtype_of(stream, state_dtype)
     return indexer_dtype if stream.role == "indexer" else kv_dtype
 
 
-def check_cache_dtypes(kv_dtype: str, indexer_dtype: str, layout: str) -> None:
+def check_cache_dtypes(kv_dtype: str, indexer_dtype: str, layout: str, state_dtype: str = "auto") -> None:
     for flag, value in (("--kv-dtype", kv_dtype), ("--indexer-dtype", indexer_dtype)):
         if value not in CACHE_DTYPES:
             raise TierlmError(f"{flag} must be one of {', '.join(CACHE_DTYPES)}, got {value!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise TierlmError(f"--state-dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
     if layout not in LAYOUTS:
         raise TierlmError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
 def layer_cache_bytes(spec: ModelSpec, layer: LayerSpec, tokens: int, batch: int, kv_dtype: str,
-                      indexer_dtype: str, layout: str = "ideal", tp: int = 1) -> LayerCache:
+                      indexer_dtype: str, layout: str = "ideal", tp: int = 1,
+                      state_dtype: str = "auto") -> LayerCache:
     """Bytes one layer stores for `batch` sequences of `tokens` tokens on one TP rank."""
     sums = {"kv": 0, "indexer": 0, "state": 0}
     block = block_size(spec) if layout == "tierlm" else 0
     for s in layer_cache_streams(spec, layer):
-        dtype = _dtype_for(s, kv_dtype, indexer_dtype)
+        dtype = _dtype_for(s, kv_dtype, indexer_dtype, state_dtype)
         bits = record_bits(s, s.width_per_rank(tp), dtype, layout, layer.attention)
         entries = stored_entries(s, layer, tokens, layout, block=block)
         sums[s.role] += -(-bits * entries // 8)
@@ -61,9 +66,9 @@ def layer_cache_bytes(spec: ModelSpec, layer: LayerSpec, tokens: int, batch: int
 
 
 def cache_bytes(spec: ModelSpec, tokens: int, batch: int, kv_dtype: str, indexer_dtype: str,
-                mtp: bool = False, layout: str = "ideal", tp: int = 1) -> list[LayerCache]:
-    check_cache_dtypes(kv_dtype, indexer_dtype, layout)
-    return [layer_cache_bytes(spec, layer, tokens, batch, kv_dtype, indexer_dtype, layout, tp)
+                mtp: bool = False, layout: str = "ideal", tp: int = 1, state_dtype: str = "auto") -> list[LayerCache]:
+    check_cache_dtypes(kv_dtype, indexer_dtype, layout, state_dtype)
+    return [layer_cache_bytes(spec, layer, tokens, batch, kv_dtype, indexer_dtype, layout, tp, state_dtype)
             for layer in spec.all_layers(mtp)]
 
 
@@ -79,17 +84,26 @@ def layer_kinds(spec: ModelSpec, mtp: bool) -> tuple[tuple[LayerSpec, int], ...]
 
 
 def cache_total_bytes(spec: ModelSpec, tokens: int, batch: int, kv_dtype: str, indexer_dtype: str,
-                      mtp: bool = False, layout: str = "ideal", tp: int = 1) -> int:
+                      mtp: bool = False, layout: str = "ideal", tp: int = 1, state_dtype: str = "auto") -> int:
     """Same as cache_total(cache_bytes(...)), computed once per distinct layer structure."""
-    return sum(n * layer_cache_bytes(spec, layer, tokens, batch, kv_dtype, indexer_dtype, layout, tp).total_bytes
+    return sum(n * layer_cache_bytes(spec, layer, tokens, batch, kv_dtype, indexer_dtype, layout, tp,
+                                     state_dtype).total_bytes
                for layer, n in layer_kinds(spec, mtp))
+
+
+# Fixed state a decode step reads in full (linear-attention and short-conv state); the V4
+# compressor buffers are only written.
+READ_STATE = ("conv_state", "recurrent_state", "sconv_state")
 
 
 def read_entries(stream: CacheStream, layer: LayerSpec, spec: ModelSpec, context: int) -> int:
     """Entries one decode query at `context` reads from this stream (stored != read)."""
     if stream.role == "state":
-        return 0
+        return stream.fixed_entries if stream.name in READ_STATE else 0
     n = stream.entries(context)
+    if layer.attention == "msa" and stream.role == "kv" and spec.msa is not None:
+        m = spec.msa                           # top-k blocks plus the local blocks
+        return min(n, (m.topk_blocks + m.local_blocks) * m.block_size)
     ix = spec.indexer
     if stream.name == "latent" and layer.attention == "dsa" and ix is not None:
         return min(n, ix.topk)                 # DSA attends to the indexer's top-k only
@@ -99,12 +113,12 @@ def read_entries(stream: CacheStream, layer: LayerSpec, spec: ModelSpec, context
 
 
 def cache_read_bytes(spec: ModelSpec, context: int, kv_dtype: str, indexer_dtype: str, mtp: bool,
-                     layout: str = "ideal", tp: int = 1) -> int:
+                     layout: str = "ideal", tp: int = 1, state_dtype: str = "auto") -> int:
     """Cache bytes one sequence reads per decode step (all layers, one TP rank)."""
     total = 0
     for layer in spec.all_layers(mtp):
         for s in layer_cache_streams(spec, layer):
-            bits = record_bits(s, s.width_per_rank(tp), _dtype_for(s, kv_dtype, indexer_dtype),
+            bits = record_bits(s, s.width_per_rank(tp), _dtype_for(s, kv_dtype, indexer_dtype, state_dtype),
                                layout, layer.attention)
             total += -(-bits * read_entries(s, layer, spec, context) // 8)
     return total

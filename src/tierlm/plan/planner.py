@@ -33,6 +33,7 @@ class Options:
     batch: int = 1
     kv_dtype: str = "bf16"
     indexer_dtype: str = "bf16"
+    state_dtype: str = "auto"           # fixed per-sequence state; auto: each stream's own dtype
     mtp: bool = False
     layout: str = "ideal"
     hardware: str = DEFAULT_HARDWARE
@@ -52,14 +53,14 @@ class Options:
         for flag, v in (("--eta-mem", self.eta_mem), ("--eta-flops", self.eta_flops)):
             if not 0 < v <= 1:
                 raise TierlmError(f"{flag} must be in (0, 1], got {v}")
-        memory.check_cache_dtypes(self.kv_dtype, self.indexer_dtype, self.layout)
+        memory.check_cache_dtypes(self.kv_dtype, self.indexer_dtype, self.layout, self.state_dtype)
         memory.resolve_weight_dtypes(self.weight_dtypes)
 
 
 def _items(spec: ModelSpec, o: Options, context: int, batch: int, tp: int) -> dict[str, int]:
     w = memory.weights(spec, o.weight_dtypes, mtp=o.mtp, tp=tp)
     cold = ("routed_experts", "mtp", "engram")
-    kv = memory.cache_total_bytes(spec, context, batch, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp)
+    kv = memory.cache_total_bytes(spec, context, batch, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp, o.state_dtype)
     return {"hot_weights": sum(c.bytes_per_device for n, c in w.items() if n not in cold),
             "kv_cache": kv,
             "mtp": w["mtp"].bytes_per_device if "mtp" in w else 0,
@@ -108,7 +109,7 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
     B = o.batch
 
     # ---- cache
-    layers = memory.cache_bytes(spec, context, B, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout)
+    layers = memory.cache_bytes(spec, context, B, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, 1, o.state_dtype)
     kv = sum(c.kv_bytes for c in layers)
     ix = sum(c.indexer_bytes for c in layers)
     st = sum(c.state_bytes for c in layers)
@@ -157,12 +158,14 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
                  "dtypes": list(c.dtypes)} for n, c in w.items()}
     data = {
         "model": spec.name, "family": spec.family, "context": context, "batch": B,
-        "kv_dtype": o.kv_dtype, "indexer_dtype": o.indexer_dtype, "mtp": o.mtp, "layout": o.layout,
+        "kv_dtype": o.kv_dtype, "indexer_dtype": o.indexer_dtype, "state_dtype": o.state_dtype, "mtp": o.mtp,
+        "layout": o.layout,
         "kv_cache": {
             "total_bytes": kv + ix + st, "kv_bytes": kv, "indexer_bytes": ix, "state_bytes": st,
             "bytes_per_token": (kv + ix) // (context * B) if context * B else 0,
             "per_device_bytes": items["kv_cache"],
-            "read_bytes_per_step": memory.cache_read_bytes(spec, context, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout) * B,
+            "read_bytes_per_step": memory.cache_read_bytes(spec, context, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout,
+                                                           1, o.state_dtype) * B,
             "layers": [{"layer": c.layer, "attention": c.attention, "compress_ratio": c.compress_ratio,
                         "mtp": c.mtp, "kv_bytes": c.kv_bytes, "indexer_bytes": c.indexer_bytes,
                         "state_bytes": c.state_bytes} for c in layers],
@@ -188,27 +191,29 @@ def plan(model: str | ModelSpec, context: int, options: Options | None = None, *
 
 def _explain_cache(ex, spec, o, context, layers) -> None:
     from ..spec.cache import block_size, layer_cache_streams
-    from .layouts import record_bits, stored_entries
+    from .layouts import record_bits, state_dtype_of, stored_entries
     block = block_size(spec) if o.layout == "tierlm" else 0
     seen = set()
     for layer in spec.all_layers(o.mtp):
-        key = (layer.attention, layer.compress_ratio, layer.window, layer.csa)
+        key = (layer.attention, layer.compress_ratio, layer.window, layer.csa, layer.kv_shared, layer.shared_indexer)
         if key in seen:
             continue
         seen.add(key)
-        n = sum(1 for l in spec.all_layers(o.mtp) if (l.attention, l.compress_ratio, l.window, l.csa) == key)
+        n = sum(1 for l in spec.all_layers(o.mtp)
+                if (l.attention, l.compress_ratio, l.window, l.csa, l.kv_shared, l.shared_indexer) == key)
         parts = []
         for s in layer_cache_streams(spec, layer):
-            dtype = o.indexer_dtype if s.role == "indexer" else ("fp32" if s.role == "state" else o.kv_dtype)
-            bits = record_bits(s, s.width, o.indexer_dtype if s.role == "indexer" else o.kv_dtype, o.layout, layer.attention)
+            dtype = {"indexer": o.indexer_dtype, "state": state_dtype_of(s, o.state_dtype)}.get(s.role, o.kv_dtype)
+            bits = record_bits(s, s.width, dtype, o.layout, layer.attention)
             e = stored_entries(s, layer, context, o.layout, block=block)
             how = f"{block}-token blocks" if block else {"token": f"floor({context}/{s.ratio})" if s.ratio > 1 else f"{context}",
                    "window": f"min({context}, {s.window})", "fixed": "fixed"}[s.per]
             parts.append(f"{s.name}: {e:,} entries [{how}] x {bits / 8:g} B ({s.width} el, {dtype})")
         label = layer.attention + (f" {'csa' if layer.csa else 'hca' if layer.compress_ratio else 'swa'} ratio "
                                    f"{layer.compress_ratio}" if layer.attention == "v4" else "") \
-            + (f" window {layer.window}" if layer.attention == "sliding" else "")
-        ex.append((f"cache {label} x{n} layers", "; ".join(parts) + f"; x batch {o.batch}"))
+            + (f" window {layer.window}" if layer.attention == "sliding" else "") \
+            + (" kv-shared" if layer.kv_shared else "") + (" shared-indexer" if layer.shared_indexer else "")
+        ex.append((f"cache {label} x{n} layers", ("; ".join(parts) or "nothing stored") + f"; x batch {o.batch}"))
     total = memory.cache_total(layers)
     ex.append(("cache total", f"sum over {len(layers)} layers = {total:,} B = {fmt_bytes(total)}"))
 
@@ -231,7 +236,7 @@ def _decode(spec, o, hw, context, tp, items, placed, w, ex) -> dict:
     frac = 1.0
     if moe is not None:
         frac = roofline.expected_experts_touched(moe.num_experts, moe.top_k, B) / moe.num_experts
-    kv_read = memory.cache_read_bytes(spec, context, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp) * B
+    kv_read = memory.cache_read_bytes(spec, context, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp, o.state_dtype) * B
     # The input embedding is a lookup of B rows, not a full read (unless tied to the head).
     lookup = 0 if spec.tie_embeddings else -(-memory.embedding_bytes(spec, o.weight_dtypes) // tp)
     reads = {"hot_weights": items["hot_weights"] - lookup, "kv_cache": kv_read,
@@ -308,7 +313,7 @@ def _reload(spec, o, hw, tp, ex) -> dict:
             continue
 
         def reload_wins(s: int) -> bool:
-            nbytes = memory.cache_total_bytes(spec, s, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp)
+            nbytes = memory.cache_total_bytes(spec, s, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp, o.state_dtype)
             return nbytes / bw < _prefill_flops(spec, o, s) / tp / (peak[1] * o.eta_flops)
 
         grid = [1 << i for i in range(0, 40) if 1 << i <= spec.max_position] + [spec.max_position]
@@ -337,7 +342,7 @@ def _cost(hw, tp, decode, prefill, spec, o, context, ex) -> dict:
         return {"price_per_hour": hw.price_per_hour * tp, "note": decode["error"]}
     price = hw.price_per_hour * tp
     per_tok = lambda tps: price / (tps * 3600) * 1e6
-    kv1 = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp)
+    kv1 = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp, o.state_dtype)
     per_token_kv = kv1 / context
     hit = {}
     for tier in ("device", "host", "disk"):
@@ -346,7 +351,7 @@ def _cost(hw, tp, decode, prefill, spec, o, context, ex) -> dict:
     rates = tier_prices()
     # One copy of the cache on host or disk; on the device every rank holds its share
     # (a full copy for replicated MLA / V4 latents).
-    one_copy = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout)
+    one_copy = memory.cache_total_bytes(spec, context, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, 1, o.state_dtype)
     hold = {"device": kv1 * tp / GB * hw.price_per_hour / (hw.device_memory / GB),
             "host": one_copy / GB * rates["host_dram_per_gb_hour"]
             if "host_dram_per_gb_hour" in rates and hw.host_memory > 0 else None,

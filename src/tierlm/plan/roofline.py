@@ -50,10 +50,18 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative:
 
     ix = spec.indexer
     if layer.attention in ("full", "sliding"):
-        g = spec.gqa
-        assert g is not None
+        g = spec.layer_gqa(layer)
         n = entries("kv", window=layer.window if layer.attention == "sliding" else None)
         return 2 * g.num_heads * (g.head_dim + g.v_head_dim) * n
+    if layer.attention == "msa":
+        g, m = spec.layer_gqa(layer), spec.msa
+        assert m is not None     # attention over the top-k + local blocks, indexer over every key
+        n = entries("kv", window=(m.topk_blocks + m.local_blocks) * m.block_size)
+        return 2 * g.num_heads * (g.head_dim + g.v_head_dim) * n + 2 * m.index_heads * m.index_head_dim * entries("ix")
+    if layer.attention == "linear":
+        a = spec.linear
+        assert a is not None     # per token: update and read each value head's d_k x d_v state
+        return 4 * a.num_value_heads * a.key_head_dim * a.value_head_dim * (context if cumulative else 1)
     if layer.attention in ("mla", "dsa"):
         m = spec.mla
         assert m is not None

@@ -17,7 +17,7 @@ from .model import LayerSpec, ModelSpec
 @dataclass(frozen=True)
 class CacheStream:
     name: str          # k, v, latent, indexer, window, compressed, compressor_state, ...
-    role: str          # kv | indexer | state: which dtype flag applies (state is always fp32)
+    role: str          # kv | indexer | state: which dtype flag applies (--kv/--indexer/--state-dtype)
     width: int         # elements per entry (all KV heads of the layer)
     per: str           # token: one entry per `ratio` tokens | window: last `window` tokens | fixed
     ratio: int = 1
@@ -25,6 +25,8 @@ class CacheStream:
     fixed_entries: int = 0
     rope: int = 0      # of `width`, elements that engine layouts keep in bf16
     kv_heads: int = 0  # >0: width is split across tensor-parallel ranks by head; 0: replicated
+    dtype: str = "fp32"        # state: the stream's own dtype (what --state-dtype auto means)
+    fixed_dtype: bool = False  # state: kept in `dtype` whatever --state-dtype says (conv histories)
 
     def entries(self, tokens: int) -> int:
         """Entries stored for one sequence of `tokens` tokens."""
@@ -53,14 +55,41 @@ def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream,
 
 
 def _attention_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream, ...]:
+    streams = _kv_streams(spec, layer)
+    if spec.sconv_kernel:
+        # Inkling's short conv runs on k, v and two hidden-size streams per layer and keeps the
+        # last kernel - 1 inputs, in bf16 (vLLM / SGLang Inkling sconv, via kvcache.ai models.yaml).
+        g = spec.layer_gqa(layer)
+        width = 2 * g.num_kv_heads * g.head_dim + 2 * spec.hidden_size
+        streams += (CacheStream("sconv_state", "state", width, "fixed", fixed_entries=spec.sconv_kernel - 1,
+                                dtype="bf16", fixed_dtype=True),)
+    return streams
+
+
+def _kv_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream, ...]:
     kind = layer.attention
-    if kind in ("full", "sliding"):
-        g = spec.gqa
-        assert g is not None
-        per = "token" if kind == "full" else "window"
+    if kind in ("full", "sliding", "msa"):
+        if layer.kv_shared:
+            return ()           # reads the KV of an earlier layer of the same type
+        g = spec.layer_gqa(layer)
+        per = "window" if kind == "sliding" else "token"
         w = layer.window or 0
-        return (CacheStream("k", "kv", g.num_kv_heads * g.head_dim, per, window=w, kv_heads=g.num_kv_heads),
-                CacheStream("v", "kv", g.num_kv_heads * g.v_head_dim, per, window=w, kv_heads=g.num_kv_heads))
+        kv = (CacheStream("k", "kv", g.num_kv_heads * g.head_dim, per, window=w, kv_heads=g.num_kv_heads),
+              CacheStream("v", "kv", g.num_kv_heads * g.v_head_dim, per, window=w, kv_heads=g.num_kv_heads))
+        if kind == "msa":
+            assert spec.msa is not None      # one index key per token, scanned by the block indexer
+            kv += (CacheStream("indexer", "indexer", spec.msa.index_head_dim, "token"),)
+        return kv
+    if kind == "linear":
+        a = spec.linear
+        assert a is not None
+        # Conv history: kernel - 1 past inputs of the q, k (key heads) and v (value heads) channels;
+        # recurrent state: a key_head_dim x value_head_dim matrix per value head.
+        conv = 2 * a.num_key_heads * a.key_head_dim + a.num_value_heads * a.value_head_dim
+        return (CacheStream("conv_state", "state", conv, "fixed", fixed_entries=a.conv_kernel - 1,
+                            dtype=a.conv_dtype, fixed_dtype=True),
+                CacheStream("recurrent_state", "state", a.num_value_heads * a.key_head_dim * a.value_head_dim,
+                            "fixed", fixed_entries=1, kv_heads=a.num_value_heads, dtype=a.state_dtype))
     if kind in ("mla", "dsa"):
         m = spec.mla
         assert m is not None

@@ -18,20 +18,28 @@ from typing import Any
 
 from ..errors import ConfigError
 from .fields import METADATA_KEYS, Fields
+from .hybrid import HYBRID_FAMILIES, parse_hybrid
 from .model import (EngramConfig, GemmaConfig, GQAConfig, IndexerConfig, LayerSpec, MLAConfig, ModelSpec,
                     MoEConfig, Quantization, RopeConfig, RouterConfig, V4Config)
 
 GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen3_moe",
                 "gpt_oss", "minimax_m2")
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa")
-FAMILIES = GQA_FAMILIES + MLA_FAMILIES + ("deepseek_v4",)
+FAMILIES = GQA_FAMILIES + MLA_FAMILIES + ("deepseek_v4",) + HYBRID_FAMILIES
 # Multimodal wrappers whose language model sits under `text_config`.
-WRAPPERS = {"gemma3": "gemma3_text", "kimi_k25": "deepseek_v3"}
-# Keys of those wrappers outside text_config (vision tower and multimodal token ids).
+WRAPPERS = {"gemma3": "gemma3_text", "kimi_k25": "deepseek_v3", "qwen3_5": "qwen3_5_text",
+            "qwen3_5_moe": "qwen3_5_moe_text", "kimi_k3": "kimi_linear", "gemma4": "gemma4_text",
+            "inkling_mm_model": "inkling"}
+# Keys of those wrappers outside text_config (vision / audio towers and multimodal token ids).
 WRAPPER_KEYS = frozenset({"text_config", "vision_config", "quantization_config", "tie_word_embeddings",
                           "boi_token_index", "eoi_token_index", "image_token_index", "mm_tokens_per_image",
                           "ignore_index", "media_placeholder_token_id", "use_unified_vision_chunk",
-                          "video_placeholder"})
+                          "video_placeholder", "image_token_id", "video_token_id", "vision_start_token_id",
+                          "vision_end_token_id", "audio_config", "audio_token_id", "boa_token_id", "eoa_token_id",
+                          "eoa_token_index", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image",
+                          "image_placeholder", "mtp_config", "language_model_only"})
+# Wrapper keys that belong to the language model: moved into text_config (Inkling's MTP chain).
+WRAPPER_TEXT_KEYS = ("mtp_config",)
 
 # DeepSeek's official inference configs (inference/configs/*.json, inference/config.json)
 # use ModelArgs names; map them onto the transformers names.
@@ -111,7 +119,7 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         inner.setdefault("model_type", WRAPPERS.get(model_type, None))
         if outer_quant is not None:
             inner.setdefault("quantization_config", outer_quant)
-        for key in ("tie_word_embeddings", "torch_dtype", "dtype"):
+        for key in ("tie_word_embeddings", "torch_dtype", "dtype") + WRAPPER_TEXT_KEYS:
             if key in cfg and key not in inner:
                 inner[key] = cfg[key]
         unknown = sorted(k for k in cfg if k not in WRAPPER_KEYS and k not in METADATA_KEYS)
@@ -145,6 +153,8 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
     f = Fields(cfg)
     if model_type in GQA_FAMILIES:
         spec = _parse_gqa(f, model_type, name)
+    elif model_type in HYBRID_FAMILIES:
+        spec = parse_hybrid(f, model_type, name, _parse_quant)
     elif model_type == "deepseek_v4":
         spec = _parse_v4(f, name, official)
     else:
@@ -466,6 +476,8 @@ def _parse_mla(f: Fields, family: str, name: str) -> ModelSpec:
     n = c["n_layers"]
     heads = f.int("num_attention_heads")
     f.ignore("num_key_value_heads", "head_dim", "attention_bias")  # logical values; MLA caches one latent per token
+    # GLM-5.2: the MTP layer's indexer reuse across draft steps, and the router's fp32 compute dtype.
+    f.ignore("index_share_for_mtp_iteration", "moe_router_dtype")
     mla = MLAConfig(heads, f.opt_int("q_lora_rank"), f.int("kv_lora_rank"), f.int("qk_nope_head_dim"),
                     f.int("qk_rope_head_dim"), f.int("v_head_dim"))
     if f.has("qk_head_dim"):
@@ -519,6 +531,8 @@ def _indexer_sharing(f: Fields, n: int) -> list[bool]:
     (GLM-5.x IndexShare): transformers' `indexer_types` ("full"/"shared"), or the
     `index_topk_pattern` ("F"/"S") / `index_topk_freq` + `index_skip_topk_offset` schedule
     as GlmMoeDsaConfig derives it. Absent: every layer runs its own indexer."""
+    if not f.has("index_topk_pattern"):
+        f.ignore("index_topk_pattern")       # GLM-5.2 writes it as null next to indexer_types
     if f.has("indexer_types"):
         types = f.str_list("indexer_types")
         f.ignore("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")
@@ -778,6 +792,9 @@ def _parse_quant(f: Fields, family: str) -> Quantization:
             return Quantization("compressed-tensors", base, base, "int4", group=group)
         if bits == 8 and typ == "float":
             return Quantization("compressed-tensors", base, "fp8", "fp8")
+        if bits == 4 and typ == "float" and w.get("group_size") == 32:
+            # MXFP4 experts (Kimi K3 "mxfp4-pack-quantized"; `ignore` keeps attention and dense MLPs bf16)
+            return Quantization("compressed-tensors", base, base, "fp4")
         raise ConfigError(f"field 'quantization_config.config_groups': {bits}-bit {typ} weights are not supported")
     raise ConfigError(f"field 'quantization_config.quant_method' {method!r} is not supported "
                       "(supported: fp8, mxfp4, compressed-tensors); override with --weight-dtype")

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 #   dsa      MLA + DSA lightning indexer (DeepSeek-V3.2, GLM-5)
 #   v4       DeepSeek-V4 shared-KV attention: sliding window plus, when compress_ratio > 0,
 #            compressed entries (CSA: overlapping, with an indexer; HCA; ratio 0 = window only)
+#   linear   gated-delta-net (Qwen3.5+) or KDA (Kimi K3) linear attention: a fixed per-sequence
+#            conv history and recurrent state instead of per-token KV
+#   msa      MiniMax M3 block-sparse attention: full GQA KV plus per-token index keys
 # FFN kinds: dense | moe | hash_moe (V4: experts picked by a token-id table).
 
 
@@ -84,6 +87,31 @@ class IndexerConfig:
 
 
 @dataclass(frozen=True)
+class LinearAttnConfig:
+    """Linear-attention layers (kind gdn | kda). Each keeps a short-conv history of its q, k and v
+    channels and one key_head_dim x value_head_dim recurrent matrix per value head."""
+    kind: str
+    num_key_heads: int
+    key_head_dim: int
+    num_value_heads: int
+    value_head_dim: int
+    conv_kernel: int
+    state_dtype: str                 # the recurrent state's own dtype (mamba_ssm_dtype; KDA fp32)
+    conv_dtype: str = "bf16"         # the conv history is kept in the activation dtype
+
+
+@dataclass(frozen=True)
+class MSAConfig:
+    """MiniMax M3 sparse attention: an indexer scores blocks of `block_size` tokens from one
+    cached index key per token; attention reads the top-k blocks plus the local ones."""
+    index_heads: int
+    index_head_dim: int
+    block_size: int
+    topk_blocks: int
+    local_blocks: int
+
+
+@dataclass(frozen=True)
 class V4Config:
     num_heads: int
     head_dim: int                # one shared K=V head
@@ -138,13 +166,14 @@ class EngramConfig:
 @dataclass(frozen=True)
 class LayerSpec:
     index: int
-    attention: str                   # full | sliding | mla | dsa | v4
+    attention: str                   # full | sliding | mla | dsa | v4 | linear | msa
     ffn: str                         # dense | moe | hash_moe
     window: int | None = None        # sliding / v4 window
     compress_ratio: int = 0          # v4 only: 0 = window only, else tokens per compressed entry
     mtp: bool = False                # a multi-token-prediction (draft) layer
     csa: bool = False                # v4: compressed *sparse* attention (overlapping compressor + indexer)
     shared_indexer: bool = False     # dsa: reuses the previous layer's top-k (GLM-5.x IndexShare)
+    kv_shared: bool = False          # full/sliding: reuses an earlier layer's KV and stores none (Gemma 4)
 
     @property
     def has_indexer(self) -> bool:
@@ -187,6 +216,10 @@ class ModelSpec:
     mlp_bias: bool = False
     engram: EngramConfig | None = None
     gemma: GemmaConfig | None = None
+    swa_gqa: GQAConfig | None = None     # sliding layers' heads when they differ from `gqa` (the full layers')
+    linear: LinearAttnConfig | None = None
+    msa: MSAConfig | None = None
+    sconv_kernel: int = 0            # Inkling short conv on k, v and two hidden-size streams (0: none)
     quant: Quantization = Quantization("none", "bf16", "bf16", "bf16")
     notes: tuple[str, ...] = ()      # values taken from class defaults, for --explain
 
@@ -196,7 +229,8 @@ class ModelSpec:
         if cached is None:
             cached = hash((self.name, self.family, self.layers, self.mtp_layers, self.gqa, self.mla,
                            self.indexer, self.v4, self.moe, self.quant, self.engram, self.hidden_size,
-                           self.norm_eps, self.rope, self.gemma))
+                           self.norm_eps, self.rope, self.gemma, self.swa_gqa, self.linear, self.msa,
+                           self.sconv_kernel))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -210,6 +244,13 @@ class ModelSpec:
             if c is not None:
                 return c.num_heads
         raise AssertionError("spec without attention")
+
+    def layer_gqa(self, layer: LayerSpec) -> GQAConfig:
+        """Attention shape of a full / sliding / msa layer (sliding layers may have their own)."""
+        if layer.attention == "sliding" and self.swa_gqa is not None:
+            return self.swa_gqa
+        assert self.gqa is not None
+        return self.gqa
 
     def all_layers(self, mtp: bool) -> tuple[LayerSpec, ...]:
         return self.layers + (self.mtp_layers if mtp else ())

@@ -94,9 +94,10 @@ def _layer_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
 def _attention_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
     h = spec.hidden_size
     A = "attention"
-    if layer.attention in ("full", "sliding"):
-        g = spec.gqa
-        assert g is not None
+    if layer.attention == "linear":
+        return _linear_groups(spec)
+    if layer.attention in ("full", "sliding", "msa"):
+        g = spec.layer_gqa(layer)
         q, kv, vo = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.num_heads * g.v_head_dim
         out = [ParamGroup(A, "q_proj", (q, h)), ParamGroup(A, "k_proj", (kv, h)),
                ParamGroup(A, "v_proj", (g.num_kv_heads * g.v_head_dim, h)), ParamGroup(A, "o_proj", (h, vo))]
@@ -110,6 +111,11 @@ def _attention_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
             out.append(ParamGroup(A, "qk_norm", (q + kv,), kind="vector"))
         if g.sinks:
             out.append(ParamGroup(A, "sinks", (g.num_heads,), kind="vector"))
+        if layer.attention == "msa":
+            m = spec.msa
+            assert m is not None     # index query / key projections of the block indexer
+            out += [ParamGroup(A, "indexer.wq", (m.index_heads * m.index_head_dim, h), tp="replicate"),
+                    ParamGroup(A, "indexer.wk", (m.index_head_dim, h), tp="replicate")]
         return out
     if layer.attention in ("mla", "dsa"):
         m = spec.mla
@@ -152,6 +158,25 @@ def _attention_groups(spec: ModelSpec, layer: LayerSpec) -> list[ParamGroup]:
         out += [ParamGroup(A, "indexer.wq_b", (ix.n_heads * ix.head_dim, v.q_lora_rank), tp="replicate"),
                 ParamGroup(A, "indexer.weights_proj", (ix.n_heads, h), tp="replicate")]
         out += _compressor(A, "indexer.compressor", h, ix.head_dim, r, True)
+    return out
+
+
+def _linear_groups(spec: ModelSpec) -> list[ParamGroup]:
+    """Gated-delta-net / KDA layer: fused q/k/v, output gate, per-head decay and beta, the
+    depthwise conv over the q/k/v channels and the output projection (KDA adds a full-rank
+    decay-gate projection)."""
+    a, h, A = spec.linear, spec.hidden_size, "attention"
+    assert a is not None
+    qkv = 2 * a.num_key_heads * a.key_head_dim + a.num_value_heads * a.value_head_dim
+    v = a.num_value_heads * a.value_head_dim
+    out = [ParamGroup(A, "in_proj_qkv", (qkv, h)), ParamGroup(A, "in_proj_z", (v, h)),
+           ParamGroup(A, "in_proj_ba", (2 * a.num_value_heads, h)),
+           ParamGroup(A, "conv1d", (qkv, a.conv_kernel), kind="vector"),
+           ParamGroup(A, "A_log_dt_bias", (2 * a.num_value_heads,), kind="fp32"),
+           ParamGroup(A, "norm", (a.value_head_dim,), kind="vector", tp="replicate"),
+           ParamGroup(A, "out_proj", (h, v))]
+    if a.kind == "kda":
+        out.append(ParamGroup(A, "f_proj", (v, h)))
     return out
 
 
