@@ -132,9 +132,26 @@ def hardware_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 def _engine(model: str, dtype: Optional[str], device: Optional[str], kv_dtype: str, max_model_len: Optional[int],
-            **kw):
+            tiers: dict | None = None, **kw):
     from .runtime import LLM
-    return LLM(model, dtype=dtype, device=device, kv_dtype=kv_dtype, max_model_len=max_model_len, **kw)
+    return LLM(model, dtype=dtype, device=device, kv_dtype=kv_dtype, max_model_len=max_model_len, **(tiers or {}), **kw)
+
+
+def _tier_options(cache_dir: Optional[str], kv_tiers: Optional[str], host_cache: Optional[str],
+                  disk_cache: Optional[str], tier_policy: str) -> dict:
+    """LLM keyword arguments of the --cache-dir / --kv-tiers / --host-cache / --disk-cache options."""
+    from .units import parse_bytes
+    return {"cache_dir": cache_dir, "tier_policy": tier_policy,
+            "kv_tiers": tuple(t.strip() for t in kv_tiers.split(",") if t.strip()) if kv_tiers else None,
+            "host_cache_bytes": parse_bytes(host_cache, "--host-cache") if host_cache else None,
+            "disk_cache_bytes": parse_bytes(disk_cache, "--disk-cache") if disk_cache else None}
+
+
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Directory of the disk KV tier (kept across runs).")
+KV_TIERS = typer.Option(None, "--kv-tiers", help="host,disk (default: host, plus disk with --cache-dir).")
+HOST_CACHE = typer.Option(None, "--host-cache", help="Host KV tier budget, e.g. 8GiB.")
+DISK_CACHE = typer.Option(None, "--disk-cache", help="Disk KV tier budget, e.g. 100GiB.")
+TIER_POLICY = typer.Option("auto", "--tier-policy", help="auto | reload | recompute")
 
 
 @app.command()
@@ -153,6 +170,11 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cpu)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="auto (the model dtype) | bf16 | fp8"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+    cache_dir: Optional[str] = CACHE_DIR,
+    kv_tiers: Optional[str] = KV_TIERS,
+    host_cache: Optional[str] = HOST_CACHE,
+    disk_cache: Optional[str] = DISK_CACHE,
+    tier_policy: str = TIER_POLICY,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and stats."),
 ) -> None:
     """Generate a completion for one prompt."""
@@ -170,7 +192,8 @@ def generate(
         from .runtime import SamplingParams
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                 seed=seed, ignore_eos=ignore_eos)
-        llm = _engine(model, dtype, device, kv_dtype, max_model_len)
+        llm = _engine(model, dtype, device, kv_dtype, max_model_len,
+                      _tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy))
         t0 = time.perf_counter()
         shown, out = "", None
         for out in llm.generate_stream(request, params):
@@ -180,6 +203,8 @@ def generate(
                 sys.stdout.flush()
                 shown = text
         dt = time.perf_counter() - t0
+        stats = llm.stats()
+        llm.close()
     except TierlmError as e:
         _fail(str(e))
         return
@@ -187,7 +212,8 @@ def generate(
     if as_json:
         print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": c.token_ids, "text": c.text,
                           "finish_reason": c.finish_reason, "seconds": dt,
-                          "cache_bytes": llm.cache_bytes(len(out.prompt_token_ids) + len(c.token_ids))}))
+                          "cache_bytes": llm.cache_bytes(len(out.prompt_token_ids) + len(c.token_ids)),
+                          "prefix_hit_tokens_by_tier": stats["prefix_hit_tokens_by_tier"]}))
         return
     if stream:
         sys.stdout.write("\n")
@@ -208,6 +234,11 @@ def bench(
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     device: Optional[str] = typer.Option(None, "--device"),
     kv_dtype: str = typer.Option("auto", "--kv-dtype"),
+    cache_dir: Optional[str] = CACHE_DIR,
+    kv_tiers: Optional[str] = KV_TIERS,
+    host_cache: Optional[str] = HOST_CACHE,
+    disk_cache: Optional[str] = DISK_CACHE,
+    tier_policy: str = TIER_POLICY,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Engine throughput: tokens/s and the cache bytes one sequence holds."""
@@ -219,9 +250,11 @@ def bench(
             if v < 1:
                 raise TierlmError(f"{name} must be >= 1, got {v}")
         from .runtime import bench as b
-        llm = _engine(model, dtype, device, kv_dtype, None, max_num_seqs=batch,
-                      max_num_batched_tokens=max(512, context))
+        llm = _engine(model, dtype, device, kv_dtype, None, _tier_options(cache_dir, kv_tiers, host_cache, disk_cache,
+                                                                          tier_policy),
+                      max_num_seqs=batch, max_num_batched_tokens=max(512, context))
         res = b.prefill(llm, batch, context) if mode == "prefill" else b.decode(llm, batch, context, tokens)
+        llm.close()
     except TierlmError as e:
         _fail(str(e))
         return
@@ -274,16 +307,16 @@ def demo(
     print(f"--- {rep['prompt']!r} ->")
     print(rep["prompt"] + rep["text"])
     print(f"--- {rep['tokens']} tokens at {rep['tokens_per_s']:.1f} tok/s")
-    t = Table(title="cache bytes per sequence")
-    t.add_column("context", justify="right")
+    t = Table(title="cache bytes per sequence, by stream")
+    t.add_column("stream")
+    for n in rep["cache"]:
+        t.add_column(f"{int(n):,} tokens", justify="right")
     streams = sorted({k for c in rep["cache"].values() for k in c["by_stream"]})
     for name in streams:
-        t.add_column(name, justify="right")
-    t.add_column("total", justify="right")
-    t.add_column("GQA, same width", justify="right")
-    for n, c in rep["cache"].items():
-        t.add_row(n, *[fmt_bytes(c["by_stream"].get(k, 0)) for k in streams], fmt_bytes(c["total"]),
-                  f"{fmt_bytes(c['gqa_same_width'])} ({c['gqa_same_width'] / c['total']:.0f}x)")
+        t.add_row(name, *[fmt_bytes(c["by_stream"].get(name, 0), short=True) for c in rep["cache"].values()])
+    t.add_row("total", *[fmt_bytes(c["total"], short=True) for c in rep["cache"].values()])
+    t.add_row("GQA, same width", *[f"{fmt_bytes(c['gqa_same_width'], short=True)} "
+                                    f"({c['gqa_same_width'] / c['total']:.0f}x)" for c in rep["cache"].values()])
     Console().print(t)
     print(f"MTP speculation: acceptance {mtp['acceptance_rate']:.0%}, {mtp['tokens_per_s_on']:.1f} vs "
           f"{mtp['tokens_per_s_off']:.1f} tok/s without ({mtp['speedup']:.2f}x), greedy output identical: "
@@ -292,6 +325,63 @@ def demo(
         g = result["grpo"]
         print(f"GRPO: held-out reward {g['reward_before']:.3f} -> {g['reward_after']:.3f}, rollouts "
               f"{g['rollout_tokens_per_s']:,.0f} tok/s; saved to {g['saved']}")
+
+
+@app.command()
+def cache(
+    action: str = typer.Argument(..., help="ls | stats | verify | clear"),
+    directory: str = typer.Argument(..., help="A cache directory (LLM(cache_dir=...), --cache-dir)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Inspect or clear a disk tier: blocks per model, bytes, ages; verify re-checks every checksum."""
+    import time
+    from .tiers.segment import SegmentStore
+    from .units import fmt_bytes
+    try:
+        if action not in ("ls", "stats", "verify", "clear"):
+            raise TierlmError(f"action must be ls, stats, verify or clear, got {action!r}")
+        store = SegmentStore(directory, budget_bytes=1 << 62, read_only=action != "clear")
+        if action == "clear":
+            n = len(store.index)
+            store.clear()
+            store.close()
+            print(f"removed {n} blocks from {directory}")
+            return
+        models: dict[bytes, dict] = {}
+        for e in store.index.values():
+            m = models.setdefault(e.fingerprint, {"blocks": 0, "bytes": 0, "oldest": e.created, "newest": e.created,
+                                                  "model": None})
+            m["blocks"] += 1
+            m["bytes"] += e.length
+            m["oldest"], m["newest"] = min(m["oldest"], e.created), max(m["newest"], e.created)
+            if m["model"] is None:
+                m["model"] = (store.layout(e.layout) or {}).get("model", "?")
+        usage = store.usage()
+        result = {"directory": directory, "bytes": store.nbytes(), "blocks": len(store.index),
+                  "segments": len(store.segments), "torn_or_corrupt": store.corrupt, "usage": usage,
+                  "models": [{"fingerprint": fp.hex(), **m} for fp, m in models.items()]}
+        if action == "verify":
+            good, bad = store.verify()
+            result.update(good=good, bad=bad)
+    except TierlmError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        print(json.dumps(result))
+    else:
+        now = time.time()
+        print(f"{directory}: {result['blocks']:,} blocks, {fmt_bytes(result['bytes'])} in {result['segments']} segments")
+        for m in result["models"]:
+            print(f"  {m['model']} ({m['fingerprint'][:12]}): {m['blocks']:,} blocks, {fmt_bytes(m['bytes'])}, "
+                  f"ages {(now - m['newest']) / 60:.0f}-{(now - m['oldest']) / 60:.0f} min")
+        if action == "stats" and usage:
+            hits = usage.get("hit_tokens", {})
+            print(f"  since created: {usage.get('stored', 0):,} blocks stored, {usage.get('reloads', 0):,} reloads, "
+                  f"{usage.get('recomputes', 0):,} recomputes; hit tokens " + ", ".join(f"{k} {v:,}" for k, v in hits.items()))
+        if action == "verify":
+            print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (dropped from the index)")
+    if action == "verify" and result["bad"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -44,10 +44,25 @@ GiB = 2**30
 GB = 10**9
 
 
-def fmt_bytes(n: float) -> str:
-    """Both units, labelled: '9.62 GiB (10.33 GB)'."""
+def fmt_bytes(n: float, short: bool = False) -> str:
+    """Both units, labelled: '9.62 GiB (10.33 GB)'; short=True: the binary one only."""
+    if short:
+        return fmt_bytes(n).split(" (")[0]
     if n < 2**20:
         return f"{n / 2**10:,.1f} KiB ({n / 1e3:,.1f} kB)"
     if n < GiB:
         return f"{n / 2**20:,.2f} MiB ({n / 1e6:,.2f} MB)"
     return f"{n / GiB:,.2f} GiB ({n / GB:,.2f} GB)"
+
+
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """'8GiB', '100GB', '512MiB', '4096' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m and BYTE_UNITS.get(m.group(2).lower())
+    if not m or unit is None:
+        raise TierlmError(f"{what} must be a byte size such as 8GiB, 100GB or 4096, got {text!r}")
+    return int(float(m.group(1)) * unit)

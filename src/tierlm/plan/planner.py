@@ -277,7 +277,8 @@ def _decode(spec, o, hw, context, tp, items, placed, w, ex) -> dict:
             "bound": "memory" if t_cmp is None or t_mem >= t_cmp else "compute"}
 
 
-def _prefill_flops(spec, o, context, batch=1) -> float:
+def prefill_flops(spec, context: int, batch: int = 1) -> float:
+    """FLOPs of a causal prefill of `context` tokens (the runtime's reload-or-recompute policy uses it too)."""
     active = memory.active_params(spec)
     attn = sum(n * roofline.attention_flops(spec, l, context, cumulative=True)
                for l, n in memory.layer_kinds(spec, False))
@@ -285,7 +286,7 @@ def _prefill_flops(spec, o, context, batch=1) -> float:
 
 
 def _prefill(spec, o, hw, context, tp, w, ex) -> dict:
-    flops = _prefill_flops(spec, o, context, o.batch) / tp
+    flops = prefill_flops(spec, context, o.batch) / tp
     nbytes = sum(c.bytes_per_device for c in w.values())
     peak = roofline.peak_flops(hw.flops, spec.quant.linear)
     t_mem = nbytes / (hw.device_bandwidth * o.eta_mem)
@@ -314,7 +315,7 @@ def _reload(spec, o, hw, tp, ex) -> dict:
 
         def reload_wins(s: int) -> bool:
             nbytes = memory.cache_total_bytes(spec, s, 1, o.kv_dtype, o.indexer_dtype, False, o.layout, tp, o.state_dtype)
-            return nbytes / bw < _prefill_flops(spec, o, s) / tp / (peak[1] * o.eta_flops)
+            return nbytes / bw < prefill_flops(spec, s) / tp / (peak[1] * o.eta_flops)
 
         grid = [1 << i for i in range(0, 40) if 1 << i <= spec.max_position] + [spec.max_position]
         losing = [s for s in grid if not reload_wins(s)]

@@ -78,3 +78,9 @@ class BlockPool:
             return
         self.hash_of[b], self.tokens_of[b] = h, tuple(tokens)
         self.by_hash.setdefault(h, b)
+
+    def forget(self) -> None:
+        """Drop every block's name (the weights changed, so no cached block is valid)."""
+        self.by_hash.clear()
+        self.hash_of = [None] * self.num_blocks
+        self.tokens_of = [None] * self.num_blocks

@@ -3,9 +3,12 @@ with continuous batching, chunked prefill, prefix caching and preemption."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,7 +34,9 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  cache_bytes: int | None = None, block_size: int | None = None, enable_prefix_caching: bool = True,
                  speculative: dict | None = None, kv_dtype: str = "auto", indexer_dtype: str | None = None,
-                 reference: str = "official"):
+                 reference: str = "official", cache_dir: str | os.PathLike | None = None,
+                 kv_tiers: tuple[str, ...] | list[str] | None = None, host_cache_bytes: int | None = None,
+                 disk_cache_bytes: int | None = None, tier_policy: str = "auto"):
         from ..model import load
         if reference not in REFERENCES:
             raise TierlmError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
@@ -72,8 +77,13 @@ class LLM:
         blocks = self._blocks(per_block, cache_bytes, max_num_seqs, max_num_batched_tokens + reserve)
         pools = CachePools(spec, self.layers, blocks, self.block, self.dtype, self.kv_dtype, self.indexer_dtype,
                            self.device)
-        self.manager = CacheManager(pools, self.fingerprint(reference), enable_prefix_caching,
-                                    keep_last_block=self.speculator is not None)
+        root = self.fingerprint(reference)
+        self.store = None
+        if cache_dir is not None or host_cache_bytes is not None or kv_tiers:
+            self.store = self._tiers(pools, root, cache_dir, kv_tiers, host_cache_bytes, disk_cache_bytes,
+                                     tier_policy, enable_prefix_caching)
+        self.manager = CacheManager(pools, root, enable_prefix_caching,
+                                    keep_last_block=self.speculator is not None, store=self.store)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=reserve)
         if self.speculator is not None:
             self.speculator.bind(self)
@@ -81,6 +91,30 @@ class LLM:
         self.eos = _eos_ids(self.path)
         self._requests: dict[str, list[Sequence]] = {}
         self._counter = 0
+
+    def _tiers(self, pools, root, cache_dir, kv_tiers, host_bytes, disk_bytes, policy, prefix_caching):
+        """The host / disk tiers under the pools (`tierlm.tiers`)."""
+        from ..tiers import TierStore
+        if not prefix_caching:
+            raise TierlmError("kv tiers store prefix blocks: they need enable_prefix_caching=True")
+        if self.speculator is not None:
+            raise TierlmError("kv tiers with speculative decoding are not supported yet")
+        tiers = tuple(kv_tiers) if kv_tiers else (("host", "disk") if cache_dir is not None else ("host",))
+        if host_bytes is None:
+            host_bytes = min(4 << 30, _memory_budget(torch.device("cpu")) // 2)
+        if disk_bytes is None and cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            disk_bytes = min(64 << 30, shutil.disk_usage(cache_dir).free // 2)
+        store = TierStore(self.spec, pools, root, tiers, cache_dir, host_bytes, disk_bytes or 0, policy)
+        ref = weakref.ref(self)                      # blocks still queued reach the disk on exit
+        atexit.register(lambda: ref() is not None and ref().close())
+        return store
+
+    def close(self) -> None:
+        """Finish queued disk writes and release the cache directory (also run at exit)."""
+        if self.store is not None:
+            self.store.close(self.manager.hit_by_tier)
+            self.store = self.manager.store = None
 
     # ------------------------------------------------------------------ sizing
     def _blocks(self, per_block: dict[int, int], cache_bytes: int | None, seqs: int, chunk: int) -> dict[int, int]:
@@ -115,19 +149,42 @@ class LLM:
     def cache_bytes(self, num_tokens: int) -> int:
         """Bytes the pools hold for one sequence of num_tokens tokens (all layers and streams,
         block rounding, window freeing): what `tierlm plan --layout tierlm` reports."""
-        total = 0
+        return sum(self.cache_bytes_by_stream(num_tokens).values())
+
+    def cache_bytes_by_stream(self, num_tokens: int) -> dict[str, int]:
+        """`cache_bytes` split by cache stream name (summed over layers)."""
+        out: dict[str, int] = {}
         for layer in self.layers:
             for s in layer_cache_streams(self.spec, layer):
                 rec = tierlm_record_bytes(s, s.width, stream_dtype(s, self.kv_dtype, self.indexer_dtype, self.dtype))
-                total += held_pages(s, num_tokens, self.block) * entries_per_page(s, self.block) * rec
-        return total
+                out[s.name] = out.get(s.name, 0) + held_pages(s, num_tokens, self.block) * entries_per_page(s, self.block) * rec
+        return out
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block, e.g. after the model's weights were updated in
+        place (RL training): blocks computed by other weights must not be hit."""
+        if self.scheduler.has_work():
+            raise TierlmError("reset_prefix_cache needs an idle engine: requests are still running")
+        for bp in self.manager.bp.values():
+            bp.forget()
 
     def stats(self) -> dict:
         return {"cache_bytes_in_use": self.manager.bytes_in_use(), "blocks_in_use": self.manager.blocks_in_use(),
                 "cache_bytes_total": self.manager.pools.nbytes(), "prefix_hit_tokens": self.manager.hit_tokens,
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "num_preemptions": self.scheduler.num_preemptions,
-                "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else None}
+                "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else None,
+                **self._tier_stats()}
+
+    def _tier_stats(self) -> dict:
+        by_tier = {"device": 0, "host": 0, "disk": 0, **self.manager.hit_by_tier}
+        if self.store is None:
+            return {"prefix_hit_tokens_by_tier": by_tier}
+        return {"prefix_hit_tokens_by_tier": by_tier,
+                "tier_bytes": {"device": self.manager.bytes_in_use(), **self.store.bytes_by_tier()},
+                "reloads": self.store.stats["reloads"], "recomputes": self.store.stats["recomputes"],
+                "blocks_stored": self.store.stats["stored"], "corrupt_blocks_dropped": self.store.corrupt(),
+                "disk_full": self.store.stats["disk_full"]}
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:

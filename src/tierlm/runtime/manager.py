@@ -21,10 +21,13 @@ from .sequence import Sequence
 
 
 class CacheManager:
-    def __init__(self, pools: CachePools, root: bytes, prefix_caching: bool = True, keep_last_block: bool = False):
+    def __init__(self, pools: CachePools, root: bytes, prefix_caching: bool = True, keep_last_block: bool = False,
+                 store=None):
         """keep_last_block: a hit gives back its last matched block (MTP draft layers: the draft's
-        entry at a block's last position depends on the next block's first token)."""
-        self.pools, self.root, self.prefix_caching = pools, root, prefix_caching
+        entry at a block's last position depends on the next block's first token). store: a
+        `tierlm.tiers.TierStore` below the pools (None: device only)."""
+        self.pools, self.root, self.prefix_caching, self.store = pools, root, prefix_caching, store
+        self.hit_by_tier: dict[str, int] = {}
         self.drop = int(keep_last_block)
         self.block = pools.block
         self.groups = pools.groups
@@ -96,44 +99,106 @@ class CacheManager:
         parent = seq.hashes[-1] if seq.hashes else self.root
         for i in range(len(seq.hashes), full):
             toks = seq.token_ids[i * self.block:(i + 1) * self.block]
-            parent = block_hash(parent, toks)
+            prev, parent = parent, block_hash(parent, toks)
             seq.hashes.append(parent)
+            held = {}
             for g in self.groups:
                 table = seq.tables.get(g, [])
                 if i < len(table) and table[i] >= 0:
                     self.bp[g].name(table[i], parent, toks)
+                    held[g] = table[i]
+            if self.store is not None and len(held) == len(self.groups):
+                self.store.save(prev, parent, toks, held)
 
     def match(self, seq: Sequence) -> int:
-        """Take the longest cached prefix of seq (whole blocks, never its last token); returns tokens hit."""
+        """Take the longest cached prefix of seq (whole blocks, never its last token), from the
+        device pools or, when the store's policy says reloading beats recomputing, from the
+        host / disk tiers; returns tokens hit."""
         if not self.prefix_caching or seq.num_computed:
             return 0
-        toks = seq.token_ids
-        chain = hash_chain(self.root, toks[:len(toks) - 1], self.block)
+        toks, b = seq.token_ids, self.block
+        chain = hash_chain(self.root, toks[:len(toks) - 1], b)
 
         def hit(g: int, i: int) -> int | None:
-            return self.bp[g].lookup(chain[i], toks[i * self.block:(i + 1) * self.block])
+            return self.bp[g].lookup(chain[i], toks[i * b:(i + 1) * b])
 
-        n = len(chain)
-        if 0 in self.groups:
-            n = next((i for i in range(len(chain)) if hit(0, i) is None), len(chain))
-        n = max(0, n - self.drop)
-        while n > 0 and not all(hit(g, i) is not None for g in self.groups if g
-                                for i in self.span(g, n * self.block, n * self.block)):
-            n -= 1
+        below: dict[int, str | None] = {}
+
+        def low(i: int) -> str | None:
+            if i not in below:
+                below[i] = self.store.where(chain[i]) if self.store is not None else None
+            return below[i]
+
+        n_dev = self._longest(len(chain), lambda g, i: hit(g, i) is not None)
+        n = n_dev
+        loaded: dict[int, torch.Tensor] = {}
+        if self.store is not None:
+            n = self._longest(len(chain), lambda g, i: hit(g, i) is not None or low(i) is not None)
+            if n > n_dev:
+                loaded = self._load(chain, n, n_dev, hit, low)
+                if loaded is None:
+                    n, loaded = n_dev, {}
         if n == 0:
             return 0
-        for g in self.groups:
-            r = self.span(g, n * self.block, n * self.block)
+        for g in self.groups:                          # device hits first: loads must not evict them
             table = [-1] * n
-            for i in r:
-                b = hit(g, i)
-                self.bp[g].take(b)
-                table[i] = b
+            for i in self._needed(g, n):
+                blk = hit(g, i)
+                if blk is not None:
+                    self.bp[g].take(blk)
+                    table[i] = blk
             seq.tables[g] = table
+        for g in self.groups:
+            table = seq.tables[g]
+            for i in self._needed(g, n):
+                if table[i] < 0:
+                    table[i] = self.bp[g].allocate()
+                    self.store.restore(loaded[i], g, table[i])
+                    self.bp[g].name(table[i], chain[i], toks[i * b:(i + 1) * b])
+        for i in range(n):
+            tier = "device" if i not in loaded else low(i)
+            self.hit_by_tier[tier] = self.hit_by_tier.get(tier, 0) + b
         seq.hashes = chain[:n]
-        seq.num_computed = n * self.block
+        seq.num_computed = n * b
         self.hit_tokens += seq.num_computed
         return seq.num_computed
+
+    def _longest(self, blocks: int, have) -> int:
+        """Longest prefix of n blocks with group 0's blocks 0..n-1 and each window group's
+        blocks before n * block all available (`have(group, block)`)."""
+        n = blocks
+        if 0 in self.groups:
+            n = next((i for i in range(blocks) if not have(0, i)), blocks)
+        n = max(0, n - self.drop)
+        while n > 0 and not all(have(g, i) for g in self.groups if g for i in self._needed(g, n)):
+            n -= 1
+        return n
+
+    def _needed(self, g: int, n: int) -> range:
+        """Blocks of group g a sequence resuming after n blocks must hold."""
+        return range(n) if g == 0 else self.span(g, n * self.block, n * self.block)
+
+    def _load(self, chain, n: int, n_dev: int, hit, low) -> dict[int, torch.Tensor] | None:
+        """Payloads of the blocks below the device that a hit of n blocks needs, or None when
+        the pools lack free blocks for them, the policy prefers recomputing, or one of them
+        fails verification (it is then dropped; the prefix is recomputed)."""
+        need = {g: [i for i in self._needed(g, n) if hit(g, i) is None] for g in self.groups}
+        for g in self.groups:
+            hits_free = sum(1 for i in self._needed(g, n) if (blk := hit(g, i)) is not None and self.bp[g].refs[blk] == 0)
+            if len(need[g]) > self.bp[g].num_free - hits_free:
+                return None
+        blocks = sorted({i for v in need.values() for i in v})
+        by_tier: dict[str, int] = {}
+        for i in blocks:
+            by_tier[low(i)] = by_tier.get(low(i), 0) + self.store.payload_bytes
+        if not self.store.reload_wins(by_tier, self.store.recompute_flops(n_dev * self.block, n * self.block)):
+            self.store.stats["recomputes"] += 1
+            return None
+        got = self.store.load([chain[i] for i in blocks])
+        if len(got) < len(blocks):
+            return None
+        self.store.stats["reloads"] += 1
+        return {i: got[chain[i]][1] for i in blocks}
 
     # ------------------------------------------------------------------ step inputs
     def tables(self, seqs: Seq[Sequence], device) -> dict[int, torch.Tensor]:

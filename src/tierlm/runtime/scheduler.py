@@ -5,7 +5,8 @@ all, so a long prompt never needs more than one chunk of activations) or all dec
 token per running sequence, plus the draft tokens under speculation). Requests join
 between steps; when the pools run out, the newest running sequence is preempted: its blocks
 are freed (their names stay cached) and it goes back to the front of the queue, to be
-recomputed, mostly from prefix hits, when memory allows.
+recomputed, mostly from prefix hits, when memory allows. The samples of an n > 1 request wait
+while one of them computes their prompt, then take it from the prefix cache.
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ class Scheduler:
                 if self._reserve(seq, seq.num_computed + n + self.reserve):
                     batch.append((seq, n))
                     budget -= n
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.seq_id in self._preempted:            # not back in the step that evicted it:
                 break                                   # let the older sequences run first
+            if self._sibling_prefilling(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             self.manager.match(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if not self.manager.can_allocate(seq, seq.num_computed + n + self.reserve):
@@ -66,6 +71,7 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         if batch:
             return batch, True
         for seq in list(self.running):
@@ -75,6 +81,13 @@ class Scheduler:
             if self._reserve(seq, seq.num_computed + n + self.reserve):
                 batch.append((seq, n))
         return batch, False
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """A sample of an n > 1 request waits while a sibling computes their shared prompt,
+        then takes its full blocks from the prefix cache instead of computing them again."""
+        if not self.manager.prefix_caching or seq.output_ids or seq.num_prompt <= self.manager.block:
+            return False
+        return any(s.request_id == seq.request_id and self.prefilling(s) for s in self.running)
 
     def _reserve(self, seq: Sequence, end: int) -> bool:
         """Allocate for seq, preempting the newest other running sequences if needed;

@@ -1,0 +1,264 @@
+"""Tiers under the engine's pools: a host-RAM LRU and the disk segment store, one stored
+block = every cache stream of one prefix block (all layers, all groups: latent, indexer,
+window, compressed entries, compressor state), keyed by the engine's prefix hash.
+
+`save` snapshots a block the moment the engine names it (while every group still holds it:
+window blocks are freed right after) into one contiguous uint8 payload, puts it in the host
+tier and queues it for a background writer (write-through), so decode never waits on the
+disk. `load` returns payloads from the host tier or the disk (verified, then promoted to
+host); `restore` copies one group's part of a payload into freshly allocated pages.
+
+Policy: a hit found only below the device is reloaded when the planner's cost model says
+reloading beats recomputing: reload = the tier's latency + bytes / its read bandwidth, recompute =
+prefill FLOPs of those positions (`tierlm.plan.planner.prefill_flops`) / this machine's
+compute rate. Both rates are measured once at start and then learned from every reload and
+prefill step the engine runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..errors import TierlmError
+from ..spec.cache import window_of
+from .segment import SegmentStore
+
+TIERS = ("host", "disk")
+POLICIES = ("auto", "reload", "recompute")
+
+
+class HostTier:
+    """Payloads in RAM under a byte budget, least recently used evicted first."""
+
+    def __init__(self, budget: int, pin: bool = False):
+        self.budget, self.pin = budget, pin
+        self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        t = self.blocks.get(key)
+        if t is not None:
+            self.blocks.move_to_end(key)
+        return t
+
+    def put(self, key: bytes, payload: torch.Tensor) -> None:
+        if key in self.blocks or payload.numel() > self.budget:
+            return
+        if self.pin:
+            payload = payload.pin_memory()
+        self.blocks[key] = payload
+        self.bytes += payload.numel()
+        while self.bytes > self.budget:
+            _, old = self.blocks.popitem(last=False)
+            self.bytes -= old.numel()
+
+
+class Rate:
+    """An exponentially weighted estimate of a rate (units per second)."""
+
+    def __init__(self, first: float):
+        self.value = first
+
+    def add(self, units: float, seconds: float) -> None:
+        if seconds > 0 and units > 0:
+            self.value = 0.7 * self.value + 0.3 * units / seconds
+
+
+class TierStore:
+    # seconds a reload pays before its first byte (a disk read's seek and syscalls), so that a
+    # prefix of a block or two is recomputed: prefill cost and reload bytes both grow linearly
+    LATENCY = {"host": 0.0, "disk": 2e-4}
+
+    def __init__(self, spec, pools, fingerprint: bytes, tiers=TIERS, cache_dir=None, host_bytes: int = 1 << 30,
+                 disk_bytes: int = 64 << 30, policy: str = "auto", ttl_s: float | None = None):
+        tiers = tuple(tiers)
+        bad = [t for t in tiers if t not in TIERS]
+        if bad:
+            raise TierlmError(f"kv_tiers may name {', '.join(TIERS)}, got {bad[0]!r}")
+        if policy not in POLICIES:
+            raise TierlmError(f"tier_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if "disk" in tiers and cache_dir is None:
+            raise TierlmError("the disk tier needs a cache_dir")
+        for name, v in (("host_cache_bytes", host_bytes), ("disk_cache_bytes", disk_bytes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise TierlmError(f"{name} must be a non-negative integer, got {v!r}")
+        self.spec, self.pools, self.fingerprint, self.policy = spec, pools, fingerprint, policy
+        # payload layout: every (layer, stream) page of one block, in sorted key order
+        self.keys = sorted(pools.pages)
+        self.group = {k: window_of(next(s for s in pools.streams[k[0]] if s.name == k[1])) for k in self.keys}
+        self.sizes = {k: pools.pages[k][0].numel() * pools.pages[k].element_size() for k in self.keys}
+        self.offsets, at = {}, 0
+        for k in self.keys:
+            self.offsets[k] = at
+            at += self.sizes[k]
+        self.payload_bytes = at
+        layout = {"model": spec.name, "block_size": pools.block, "streams": [
+            {"layer": k[0], "stream": k[1], "group": self.group[k], "dtype": str(pools.pages[k].dtype),
+             "shape": list(pools.pages[k].shape[1:]), "offset": self.offsets[k], "nbytes": self.sizes[k]}
+            for k in self.keys]}
+        device = next(iter(pools.pages.values())).device
+        self.host = HostTier(host_bytes, pin=device.type == "cuda") if "host" in tiers else None
+        self.disk = None
+        if "disk" in tiers:
+            kw = {} if ttl_s is None else {"ttl_s": ttl_s}
+            self.disk = SegmentStore(Path(cache_dir), disk_bytes, **kw)
+            try:
+                self.layout_id = self.disk.put_layout(layout)
+            except OSError as e:
+                self.disk.full = True
+                warnings.warn(f"cannot write to cache directory {cache_dir} ({e.strerror or e}): the disk tier "
+                              "only serves what it already holds", RuntimeWarning, stacklevel=2)
+        self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "disk_full": False}
+        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(self._disk_read_rate())}
+        self.flops = Rate(_matmul_rate(pools.dtype))
+        self._queue: queue.Queue = queue.Queue()
+        self._writer = None
+        if self.disk is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
+            self._writer.start()
+
+    # ------------------------------------------------------------------ save
+    def where(self, key: bytes) -> str | None:
+        if self.host is not None and key in self.host.blocks:
+            return "host"
+        if self.disk is not None and self.disk.has(key):
+            return "disk"
+        return None
+
+    def save(self, parent: bytes, key: bytes, tokens, blocks: dict[int, int]) -> None:
+        """Snapshot block `key` (physical block id per group) and send it down the tiers."""
+        if self.where(key) is not None:
+            return
+        parts = [self.pools.pages[k][blocks[self.group[k]]].reshape(-1).view(torch.uint8) for k in self.keys]
+        payload = torch.cat(parts).cpu()
+        if self.host is not None:
+            self.host.put(key, payload)
+        if self.disk is not None and not self.disk.full:
+            self._queue.put((parent, key, tuple(tokens), payload))
+        self.stats["stored"] += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                parent, key, tokens, payload = item
+                if not self.disk.put(self.fingerprint, key, parent, self.layout_id, tokens, payload.numpy().data):
+                    if self.disk.full and not self.stats["disk_full"]:
+                        self.stats["disk_full"] = True
+                        warnings.warn(f"cache directory {self.disk.path} is full: new blocks are no longer "
+                                      "written to disk (they are recomputed when needed)", RuntimeWarning,
+                                      stacklevel=1)
+            except OSError as e:
+                if not self.stats.get("disk_error"):
+                    self.stats["disk_error"] = str(e)
+                    warnings.warn(f"disk tier write failed ({e}); continuing without it", RuntimeWarning,
+                                  stacklevel=1)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued block is on disk."""
+        if self._writer is not None:
+            self._queue.join()
+
+    def close(self, hit_tokens: dict[str, int] | None = None) -> None:
+        """Finish queued writes, add this run's counters to the directory's usage.json, release it."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        if self.disk is not None and self.disk._lock is not None:
+            try:
+                self.disk.add_usage({"stored": self.stats["stored"], "reloads": self.stats["reloads"],
+                                     "recomputes": self.stats["recomputes"], "hit_tokens": hit_tokens or {}})
+            except OSError:
+                pass
+            self.disk.close()
+
+    # ------------------------------------------------------------------ load
+    def load(self, keys: list[bytes]) -> dict[bytes, tuple[str, torch.Tensor]]:
+        """{key: (tier, payload)} for the keys a lower tier holds and that verify."""
+        out = {}
+        missing = []
+        for k in keys:
+            t = self.host.get(k) if self.host is not None else None
+            if t is not None:
+                out[k] = ("host", t)
+            else:
+                missing.append(k)
+        if missing and self.disk is not None:
+            self.flush()                            # a block may still be in the write queue
+            start = time.perf_counter()
+            got = self.disk.get_many(missing, self.fingerprint)
+            n = 0
+            for k, body in zip(missing, got):
+                if body is not None and len(body) == self.payload_bytes:
+                    t = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+                    out[k] = ("disk", t)
+                    n += len(body)
+                    if self.host is not None:
+                        self.host.put(k, t)
+            self.bandwidth["disk"].add(n, time.perf_counter() - start)
+        return out
+
+    def restore(self, payload: torch.Tensor, group: int, block: int) -> None:
+        """Copy the payload's pages of `group` into physical block `block` of that group."""
+        for k in self.keys:
+            if self.group[k] == group:
+                page = self.pools.pages[k][block]
+                src = payload[self.offsets[k]:self.offsets[k] + self.sizes[k]]
+                page.view(-1).view(torch.uint8).copy_(src.to(page.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ policy
+    def reload_wins(self, tier_bytes: dict[str, int], flops: float) -> bool:
+        """Whether reading these bytes from their tiers is faster than `flops` of prefill."""
+        if self.policy != "auto":
+            return self.policy == "reload"
+        reload = sum(self.LATENCY[t] + n / self.bandwidth[t].value for t, n in tier_bytes.items())
+        return reload < flops / self.flops.value
+
+    def recompute_flops(self, start: int, end: int) -> float:
+        """Prefill FLOPs of positions [start, end) after `start` cached ones."""
+        from ..plan.planner import prefill_flops
+        return prefill_flops(self.spec, end) - prefill_flops(self.spec, start)
+
+    def corrupt(self) -> int:
+        """Records dropped because they failed verification (torn tails at start included)."""
+        return self.disk.corrupt if self.disk is not None else 0
+
+    def _disk_read_rate(self) -> float:
+        return 1e9 if self.disk is None else 2e9      # refined by every disk reload
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        return {"host": self.host.bytes if self.host is not None else 0,
+                "disk": self.disk.nbytes() if self.disk is not None else 0}
+
+
+def _host_copy_rate() -> float:
+    """Bytes/s of a RAM copy, measured once (a first estimate for host reloads)."""
+    a = torch.empty(16 << 20, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start = time.perf_counter()
+    b.copy_(a)
+    return a.numel() / max(time.perf_counter() - start, 1e-6)
+
+
+def _matmul_rate(dtype: torch.dtype) -> float:
+    """FLOP/s of a mid-sized matmul on this machine (a first estimate for recompute)."""
+    dtype = dtype if dtype in (torch.float32, torch.float64, torch.bfloat16) else torch.float32
+    a = torch.randn(256, 256, dtype=torch.float32).to(dtype)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    return 4 * 2 * 256 ** 3 / max(time.perf_counter() - start, 1e-6)

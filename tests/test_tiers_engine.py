@@ -1,0 +1,196 @@
+"""KV tiers under the engine: greedy output is token-identical with tiers on and off, from the
+host tier in one process and from the disk tier in the next process; corrupt blocks, a full
+disk and the recompute policy all fall back to recomputing, never to a wrong token."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import test_engine as te  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from tierlm import LLM, SamplingParams  # noqa: E402
+from tierlm.cli import app  # noqa: E402
+from tierlm.errors import TierlmError  # noqa: E402
+from tierlm.tiers import segment  # noqa: E402
+
+FAMILIES = ("llama", "deepseek-v3.2", "deepseek-v4")
+LONG = [(3 * i + 1) % 50 for i in range(70)]            # 4 full blocks of 16 before the last token
+LONG2 = LONG[:52] + [9, 8, 7, 6]                          # shares 3 full blocks with LONG
+OTHER = [(11 * i + 5) % 50 for i in range(90)]
+GREEDY = SamplingParams(temperature=0, max_tokens=te.N, ignore_eos=True)
+KW = dict(dtype=torch.float64, reference="transformers", max_model_len=128)
+RELOAD = dict(KW, tier_policy="reload")     # tiny models recompute a short prefix about as fast as
+                                            # they reload it; "auto" is tested on its own below
+
+PHASE_ONE = """
+import sys, torch
+from tierlm import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype=torch.float64, reference="transformers", max_model_len=128, cache_dir=sys.argv[2])
+out = llm.generate({"prompt_token_ids": [int(t) for t in sys.argv[3].split(",")]},
+                   SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+print(",".join(map(str, out[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    ref, path = te.MAKERS[request.param](tmp_path_factory.mktemp(request.param))
+    want = {tuple(p): te.reference_greedy(ref, p) for p in (LONG, LONG2)}
+    return request.param, path, want
+
+
+def run(llm, prompt):
+    return llm.generate({"prompt_token_ids": prompt}, GREEDY)[0].outputs[0].token_ids
+
+
+def test_host_tier_hit_is_identical(family):
+    _, path, want = family
+    probe = LLM(path, **KW)
+    llm = LLM(path, **RELOAD, max_num_seqs=1, cache_bytes=probe.bytes_per_sequence, host_cache_bytes=1 << 26)
+    assert run(llm, LONG) == want[tuple(LONG)]
+    run(llm, OTHER)                                      # a one-sequence pool: evicts LONG's device blocks
+    assert run(llm, LONG2) == want[tuple(LONG2)]
+    stats = llm.stats()
+    assert stats["prefix_hit_tokens_by_tier"]["host"] >= 3 * llm.block
+    assert stats["reloads"] >= 1 and stats["tier_bytes"]["host"] > 0
+
+
+def test_disk_tier_survives_the_process(family, tmp_path):
+    _, path, want = family
+    d = tmp_path / "kv"
+    first = subprocess.run([sys.executable, "-c", PHASE_ONE, str(path), str(d), ",".join(map(str, LONG))],
+                           capture_output=True, text=True, check=True)
+    assert [int(t) for t in first.stdout.split(",")] == want[tuple(LONG)]
+    llm = LLM(path, **RELOAD, cache_dir=d)               # a new process' engine over the same directory
+    assert run(llm, LONG2) == want[tuple(LONG2)]
+    stats = llm.stats()
+    assert stats["prefix_hit_tokens_by_tier"]["disk"] == 3 * llm.block
+    assert stats["prefix_hit_tokens_by_tier"]["device"] == 0 and stats["corrupt_blocks_dropped"] == 0
+    llm.close()
+
+
+def test_corrupt_block_is_dropped_and_recomputed(family, tmp_path):
+    _, path, want = family
+    d = tmp_path / "kv"
+    llm = LLM(path, **KW, cache_dir=d)
+    run(llm, LONG)
+    llm.close()
+    seg = next(d.glob("seg-*.log"))
+    store = segment.SegmentStore(d, 1 << 30, read_only=True)
+    second = sorted(store.index.values(), key=lambda e: e.offset)[1]
+    with open(seg, "r+b") as fh:                          # flip one bit in the second block's payload
+        fh.seek(second.offset + second.payload_at + 5)
+        b = fh.read(1)
+        fh.seek(second.offset + second.payload_at + 5)
+        fh.write(bytes([b[0] ^ 1]))
+    llm = LLM(path, **RELOAD, cache_dir=d)
+    assert run(llm, LONG2) == want[tuple(LONG2)]
+    stats = llm.stats()
+    assert stats["corrupt_blocks_dropped"] == 1 and stats["prefix_hit_tokens_by_tier"]["disk"] == 0
+    llm.close()
+
+
+def test_full_disk_warns_once_and_serves(family, tmp_path, monkeypatch):
+    _, path, want = family
+
+    def enospc(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segment.os, "pwrite", enospc)
+    llm = LLM(path, **KW, cache_dir=tmp_path / "kv")
+    with pytest.warns(RuntimeWarning, match="is full") as caught:
+        assert run(llm, LONG) == want[tuple(LONG)]
+        llm.store.flush()
+        assert run(llm, OTHER)
+        llm.store.flush()
+    assert len([w for w in caught if "is full" in str(w.message)]) == 1
+    assert llm.stats()["disk_full"] is True
+    llm.close()
+
+
+def test_recompute_policy_never_reloads(family, tmp_path):
+    _, path, want = family
+    llm = LLM(path, **KW, cache_dir=tmp_path / "kv")
+    run(llm, LONG)
+    llm.close()
+    llm = LLM(path, **KW, cache_dir=tmp_path / "kv", tier_policy="recompute")
+    assert run(llm, LONG2) == want[tuple(LONG2)]
+    stats = llm.stats()
+    assert stats["reloads"] == 0 and stats["recomputes"] == 1 and stats["prefix_hit_tokens_by_tier"]["disk"] == 0
+    llm.close()
+
+
+def test_auto_policy_recomputes_short_prefixes_and_reloads_long_ones(family, tmp_path):
+    _, path, _ = family
+    llm = LLM(path, **KW, host_cache_bytes=1 << 20)
+    store = llm.store
+    lat, one = store.LATENCY["disk"], store.recompute_flops(0, llm.block)
+    store.flops.value = one / (lat / 2)                   # recomputing one block takes half a disk read's latency
+    store.bandwidth["disk"].value = 1e12
+    per_block = store.payload_bytes
+    short = store.reload_wins({"disk": per_block}, one)
+    long = store.reload_wins({"disk": 64 * per_block}, store.recompute_flops(0, 64 * llm.block))
+    # independent arithmetic: reload = latency + bytes / bandwidth; recompute = FLOPs / rate
+    assert long == (lat + 64 * per_block / 1e12 < store.recompute_flops(0, 64 * llm.block) / store.flops.value)
+    assert not short and long
+
+
+def test_bad_tier_arguments(family, tmp_path):
+    _, path, _ = family
+    with pytest.raises(TierlmError, match="kv_tiers"):
+        LLM(path, **KW, kv_tiers=("tape",))
+    with pytest.raises(TierlmError, match="needs a cache_dir"):
+        LLM(path, **KW, kv_tiers=("disk",))
+    with pytest.raises(TierlmError, match="tier_policy"):
+        LLM(path, **KW, host_cache_bytes=1 << 20, tier_policy="sometimes")
+    first = LLM(path, **KW, cache_dir=tmp_path / "kv")
+    with pytest.raises(TierlmError, match="in use by process"):
+        LLM(path, **KW, cache_dir=tmp_path / "kv")
+    first.close()
+    LLM(path, **KW, cache_dir=tmp_path / "kv").close()
+
+
+def test_cache_cli(tmp_path):
+    _, path = te.MAKERS["llama"](tmp_path / "llama")
+    d = tmp_path / "kv"
+    llm = LLM(path, **KW, cache_dir=d)
+    run(llm, LONG)
+    llm.close()
+    runner = CliRunner()
+    ls = runner.invoke(app, ["cache", "ls", str(d), "--json"])
+    assert ls.exit_code == 0, ls.output
+    got = json.loads(ls.stdout)
+    assert got["blocks"] == 6 and got["models"][0]["blocks"] == 6      # 70 + 32 tokens, 101 computed: 6 full blocks
+    stats = runner.invoke(app, ["cache", "stats", str(d)])
+    assert stats.exit_code == 0 and "blocks stored" in stats.output
+    verify = runner.invoke(app, ["cache", "verify", str(d), "--json"])
+    assert verify.exit_code == 0 and json.loads(verify.stdout)["bad"] == 0
+    seg = next(d.glob("seg-*.log"))
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    bad = runner.invoke(app, ["cache", "verify", str(d)])
+    assert bad.exit_code == 1 and "1 corrupt" in bad.output
+    cleared = runner.invoke(app, ["cache", "clear", str(d)])
+    assert cleared.exit_code == 0
+    assert json.loads(runner.invoke(app, ["cache", "ls", str(d), "--json"]).stdout)["blocks"] == 0
+    assert runner.invoke(app, ["cache", "ls", str(tmp_path / "nope")]).exit_code == 2
+    assert os.path.isdir(d)
+    args = ["generate", str(path), "--prompt-ids", ",".join(map(str, LONG)), "--dtype", "fp64", "--json",
+            "--cache-dir", str(d), "--tier-policy", "reload", "--host-cache", "64MiB", "--max-tokens", "4"]
+    first, again = (runner.invoke(app, args) for _ in range(2))
+    assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
+    hits = json.loads(again.stdout)["prefix_hit_tokens_by_tier"]
+    assert hits["disk"] == 4 * 16 and json.loads(first.stdout)["token_ids"] == json.loads(again.stdout)["token_ids"]
+    bad = runner.invoke(app, args[:-2] + ["--host-cache", "lots"])
+    assert bad.exit_code == 2 and "byte size" in bad.output
