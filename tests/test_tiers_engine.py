@@ -25,17 +25,17 @@ from tierlm.tiers import segment  # noqa: E402
 
 FAMILIES = ("llama", "deepseek-v3.2", "deepseek-v4")
 LONG = [(3 * i + 1) % 50 for i in range(70)]            # 4 full blocks of 16 before the last token
-LONG2 = LONG[:52] + [9, 8, 7, 6]                          # shares 3 full blocks with LONG
+LONG2 = LONG[:52] + [9, 8, 7, 6]                          # shares 3 full blocks with LONG, then diverges
 OTHER = [(11 * i + 5) % 50 for i in range(90)]
 GREEDY = SamplingParams(temperature=0, max_tokens=te.N, ignore_eos=True)
-KW = dict(dtype=torch.float64, reference="transformers", max_model_len=128)
+KW = dict(dtype=torch.float64, reference="transformers", max_model_len=160)
 RELOAD = dict(KW, tier_policy="reload")     # tiny models recompute a short prefix about as fast as
                                             # they reload it; "auto" is tested on its own below
 
 PHASE_ONE = """
 import sys, torch
 from tierlm import LLM, SamplingParams
-llm = LLM(sys.argv[1], dtype=torch.float64, reference="transformers", max_model_len=128, cache_dir=sys.argv[2])
+llm = LLM(sys.argv[1], dtype=torch.float64, reference="transformers", max_model_len=160, cache_dir=sys.argv[2])
 out = llm.generate({"prompt_token_ids": [int(t) for t in sys.argv[3].split(",")]},
                    SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
 print(",".join(map(str, out[0].outputs[0].token_ids)))
@@ -46,7 +46,14 @@ print(",".join(map(str, out[0].outputs[0].token_ids)))
 def family(request, tmp_path_factory):
     ref, path = te.MAKERS[request.param](tmp_path_factory.mktemp(request.param))
     want = {tuple(p): te.reference_greedy(ref, p) for p in (LONG, LONG2)}
+    follow = follow_up(want)
+    want[tuple(follow)] = te.reference_greedy(ref, follow)
     return request.param, path, want
+
+
+def follow_up(want) -> list[int]:
+    """The next turn after LONG: its prompt, its answer and a new question (resumes where LONG ended)."""
+    return LONG + want[tuple(LONG)] + [9, 8, 7]
 
 
 def run(llm, prompt):
@@ -59,9 +66,12 @@ def test_host_tier_hit_is_identical(family):
     llm = LLM(path, **RELOAD, max_num_seqs=1, cache_bytes=probe.bytes_per_sequence, host_cache_bytes=1 << 26)
     assert run(llm, LONG) == want[tuple(LONG)]
     run(llm, OTHER)                                      # a one-sequence pool: evicts LONG's device blocks
-    assert run(llm, LONG2) == want[tuple(LONG2)]
+    follow = follow_up(want)
+    assert run(llm, follow) == want[tuple(follow)]
     stats = llm.stats()
-    assert stats["prefix_hit_tokens_by_tier"]["host"] >= 3 * llm.block
+    hits = stats["prefix_hit_tokens_by_tier"]
+    assert hits["host"] > 0 and hits["host"] + hits["device"] == 6 * llm.block   # LONG's 101 computed tokens
+    assert run(llm, LONG2) == want[tuple(LONG2)]          # a hit part-way into a stored sequence
     assert stats["reloads"] >= 1 and stats["tier_bytes"]["host"] > 0
 
 
@@ -72,9 +82,10 @@ def test_disk_tier_survives_the_process(family, tmp_path):
                            capture_output=True, text=True, check=True)
     assert [int(t) for t in first.stdout.split(",")] == want[tuple(LONG)]
     llm = LLM(path, **RELOAD, cache_dir=d)               # a new process' engine over the same directory
-    assert run(llm, LONG2) == want[tuple(LONG2)]
+    follow = follow_up(want)
+    assert run(llm, follow) == want[tuple(follow)]
     stats = llm.stats()
-    assert stats["prefix_hit_tokens_by_tier"]["disk"] == 3 * llm.block
+    assert stats["prefix_hit_tokens_by_tier"]["disk"] == 6 * llm.block
     assert stats["prefix_hit_tokens_by_tier"]["device"] == 0 and stats["corrupt_blocks_dropped"] == 0
     llm.close()
 
@@ -94,7 +105,8 @@ def test_corrupt_block_is_dropped_and_recomputed(family, tmp_path):
         fh.seek(second.offset + second.payload_at + 5)
         fh.write(bytes([b[0] ^ 1]))
     llm = LLM(path, **RELOAD, cache_dir=d)
-    assert run(llm, LONG2) == want[tuple(LONG2)]
+    follow = follow_up(want)
+    assert run(llm, follow) == want[tuple(follow)]
     stats = llm.stats()
     assert stats["corrupt_blocks_dropped"] == 1 and stats["prefix_hit_tokens_by_tier"]["disk"] == 0
     llm.close()
@@ -124,7 +136,8 @@ def test_recompute_policy_never_reloads(family, tmp_path):
     run(llm, LONG)
     llm.close()
     llm = LLM(path, **KW, cache_dir=tmp_path / "kv", tier_policy="recompute")
-    assert run(llm, LONG2) == want[tuple(LONG2)]
+    follow = follow_up(want)
+    assert run(llm, follow) == want[tuple(follow)]
     stats = llm.stats()
     assert stats["reloads"] == 0 and stats["recomputes"] == 1 and stats["prefix_hit_tokens_by_tier"]["disk"] == 0
     llm.close()

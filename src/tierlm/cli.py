@@ -40,8 +40,8 @@ def plan(
     models: List[str] = typer.Argument(..., help="Registry ids/aliases or paths to config.json / checkpoint dirs."),
     context: str = typer.Option("128k", "--context", "-c", help="Comma list; k=1e3, M=1e6, Ki=2^10, Mi=2^20."),
     batch: int = typer.Option(1, "--batch", "-b", help="Concurrent sequences."),
-    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp8 | fp4"),
-    indexer_dtype: str = typer.Option("bf16", "--indexer-dtype", help="bf16 | fp8 | fp4 (DSA / V4 indexer keys)"),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp8 | fp4 | fp16 | fp32"),
+    indexer_dtype: str = typer.Option("bf16", "--indexer-dtype", help="bf16 | fp8 | fp4 | fp16 | fp32 (DSA / V4 indexer keys)"),
     state_dtype: str = typer.Option("auto", "--state-dtype", help="auto (each model's own) | fp32 | bf16 | fp16: "
                                     "recurrent / compressor state"),
     mtp: bool = typer.Option(False, "--mtp", help="Include MTP / draft layers (cache and weights)."),

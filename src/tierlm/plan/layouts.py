@@ -13,7 +13,8 @@ from ..spec.cache import CacheStream, entries_per_page, held_pages
 from ..spec.model import LayerSpec
 
 LAYOUTS = ("ideal", "vllm", "sglang", "tierlm")
-CACHE_DTYPES = ("bf16", "fp8", "fp4")
+CACHE_DTYPES = ("bf16", "fp8", "fp4", "fp16", "fp32")    # fp16 / fp32: plain elements (CPU engines)
+PLAIN = ("bf16", "fp16", "fp32")
 STATE_DTYPES = ("auto", "fp32", "bf16", "fp16")    # auto: each state stream's own dtype
 BITS = {"fp64": 64, "fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "fp4": 4, "int4": 4, "int32": 32}
 
@@ -65,16 +66,16 @@ def tierlm_record_bytes(stream: CacheStream, width: int, dtype: str) -> int:
 
 
 def _indexer_record_bytes(d: int, dtype: str) -> int:
-    if dtype == "bf16":
-        return 2 * d
+    if dtype in PLAIN:
+        return BITS[dtype] // 8 * d
     if dtype == "fp8":
         return d + 4 * (-(-d // 128))           # fp8 keys + one fp32 scale per 128 (SGLang/vLLM)
     return d // 2 + (-(-d // 32))               # fp4 keys + one ue8m0 scale byte per 32
 
 
 def _latent_record_bytes(nope: int, rope: int, dtype: str, layout: str, attention: str) -> int:
-    if dtype == "bf16":
-        return 2 * (nope + rope)
+    if dtype in PLAIN:
+        return BITS[dtype] // 8 * (nope + rope)
     if dtype == "fp4":
         raise TierlmError(f"layout '{layout}' has no documented fp4 record for {attention} attention; "
                           "use --layout ideal or --kv-dtype fp8")

@@ -74,8 +74,10 @@ class CacheManager:
             if g == 0:
                 continue
             table = seq.tables.get(g, [])
-            # held blocks are contiguous: walk back from the cut to the freed ones, release oldest first
-            cut = min(first_held_block(g, seq.num_computed, self.block), len(table))
+            # held blocks are contiguous: walk back from the cut to the freed ones, release oldest first;
+            # with tiers, keep what resuming after the last full block needs (saved when seq is freed)
+            end = seq.num_computed if self.store is None else seq.num_computed // self.block * self.block
+            cut = min(first_held_block(g, end, self.block), len(table))
             first = cut
             while first > 0 and table[first - 1] >= 0:
                 first -= 1
@@ -84,6 +86,8 @@ class CacheManager:
                 table[i] = -1
 
     def free(self, seq: Sequence) -> None:
+        if self.store is not None and seq.hashes:
+            self._save_resume(seq, len(seq.hashes) - 1)   # a follow-up request resumes right here
         for g, table in seq.tables.items():
             for b in reversed(table):      # the tail first, so a prefix outlives its continuations
                 if b >= 0:
@@ -101,14 +105,29 @@ class CacheManager:
             toks = seq.token_ids[i * self.block:(i + 1) * self.block]
             prev, parent = parent, block_hash(parent, toks)
             seq.hashes.append(parent)
-            held = {}
             for g in self.groups:
                 table = seq.tables.get(g, [])
                 if i < len(table) and table[i] >= 0:
                     self.bp[g].name(table[i], parent, toks)
-                    held[g] = table[i]
-            if self.store is not None and len(held) == len(self.groups):
-                self.store.save(prev, parent, toks, held)
+            if self.store is not None:
+                self._save(seq, i, prev)
+
+    def _save(self, seq: Sequence, i: int, parent: bytes) -> None:
+        """Send block i down the tiers (its per-token pages), and at every RESUME_EVERY-th
+        block and the prompt's last whole block what the window groups need to resume after it."""
+        table = seq.tables.get(0, [])
+        if 0 in self.groups and not (i < len(table) and table[i] >= 0):
+            return
+        self.store.save(parent, seq.hashes[i], seq.token_ids[i * self.block:(i + 1) * self.block],
+                        table[i] if 0 in self.groups else None)
+        if (i + 1) % self.store.RESUME_EVERY == 0 or i == (seq.num_prompt - 1) // self.block - 1:
+            self._save_resume(seq, i)          # also where the same prompt, asked again, resumes
+
+    def _save_resume(self, seq: Sequence, i: int) -> None:
+        spans = {g: [seq.tables.get(g, [])[j] if j < len(seq.tables.get(g, [])) else -1
+                     for j in self._needed(g, i + 1)] for g in self.groups if g}
+        if all(b >= 0 for ids in spans.values() for b in ids):
+            self.store.save_resume(seq.hashes[i], spans)
 
     def match(self, seq: Sequence) -> int:
         """Take the longest cached prefix of seq (whole blocks, never its last token), from the
@@ -122,22 +141,18 @@ class CacheManager:
         def hit(g: int, i: int) -> int | None:
             return self.bp[g].lookup(chain[i], toks[i * b:(i + 1) * b])
 
-        below: dict[int, str | None] = {}
+        def device_window(n: int) -> bool:
+            return all(hit(g, i) is not None for g in self.groups if g for i in self._needed(g, n))
 
-        def low(i: int) -> str | None:
-            if i not in below:
-                below[i] = self.store.where(chain[i]) if self.store is not None else None
-            return below[i]
-
-        n_dev = self._longest(len(chain), lambda g, i: hit(g, i) is not None)
-        n = n_dev
-        loaded: dict[int, torch.Tensor] = {}
+        n_dev = self._longest(len(chain), lambda i: hit(0, i) is not None, device_window)
+        n, plan = n_dev, None
         if self.store is not None:
-            n = self._longest(len(chain), lambda g, i: hit(g, i) is not None or low(i) is not None)
+            n = self._longest(len(chain), lambda i: hit(0, i) is not None or self.store.where(chain[i]) is not None,
+                              lambda n: device_window(n) or self.store.where(self.store.resume_key(chain[n - 1])))
             if n > n_dev:
-                loaded = self._load(chain, n, n_dev, hit, low)
-                if loaded is None:
-                    n, loaded = n_dev, {}
+                plan = self._load(chain, n, n_dev, hit, device_window(n))
+                if plan is None:
+                    n = n_dev
         if n == 0:
             return 0
         for g in self.groups:                          # device hits first: loads must not evict them
@@ -148,57 +163,87 @@ class CacheManager:
                     self.bp[g].take(blk)
                     table[i] = blk
             seq.tables[g] = table
-        for g in self.groups:
-            table = seq.tables[g]
-            for i in self._needed(g, n):
-                if table[i] < 0:
-                    table[i] = self.bp[g].allocate()
-                    self.store.restore(loaded[i], g, table[i])
-                    self.bp[g].name(table[i], chain[i], toks[i * b:(i + 1) * b])
+        if plan is not None:
+            self._restore(seq, chain, n, plan)
         for i in range(n):
-            tier = "device" if i not in loaded else low(i)
+            tier = plan[0][i][0] if plan is not None and i in plan[0] else "device"
             self.hit_by_tier[tier] = self.hit_by_tier.get(tier, 0) + b
         seq.hashes = chain[:n]
         seq.num_computed = n * b
         self.hit_tokens += seq.num_computed
         return seq.num_computed
 
-    def _longest(self, blocks: int, have) -> int:
-        """Longest prefix of n blocks with group 0's blocks 0..n-1 and each window group's
-        blocks before n * block all available (`have(group, block)`)."""
+    def _longest(self, blocks: int, have0, window_ok) -> int:
+        """Longest prefix of n blocks whose group-0 blocks 0..n-1 are all available (`have0`)
+        and after which every window group can resume (`window_ok(n)`)."""
         n = blocks
         if 0 in self.groups:
-            n = next((i for i in range(blocks) if not have(0, i)), blocks)
+            n = next((i for i in range(blocks) if not have0(i)), blocks)
         n = max(0, n - self.drop)
-        while n > 0 and not all(have(g, i) for g in self.groups if g for i in self._needed(g, n)):
-            n -= 1
+        if any(self.groups):
+            while n > 0 and not window_ok(n):
+                n -= 1
         return n
 
     def _needed(self, g: int, n: int) -> range:
         """Blocks of group g a sequence resuming after n blocks must hold."""
         return range(n) if g == 0 else self.span(g, n * self.block, n * self.block)
 
-    def _load(self, chain, n: int, n_dev: int, hit, low) -> dict[int, torch.Tensor] | None:
-        """Payloads of the blocks below the device that a hit of n blocks needs, or None when
-        the pools lack free blocks for them, the policy prefers recomputing, or one of them
-        fails verification (it is then dropped; the prefix is recomputed)."""
+    def _load(self, chain, n: int, n_dev: int, hit, window_on_device: bool):
+        """({block: (tier, payload)}, resume payload or None) for a hit of n blocks, or None when
+        the pools lack free blocks, the policy prefers recomputing, or a record fails
+        verification (it is then dropped and the prefix recomputed)."""
+        store = self.store
         need = {g: [i for i in self._needed(g, n) if hit(g, i) is None] for g in self.groups}
+        if window_on_device:
+            need = {g: (v if g == 0 else []) for g, v in need.items()}
         for g in self.groups:
             hits_free = sum(1 for i in self._needed(g, n) if (blk := hit(g, i)) is not None and self.bp[g].refs[blk] == 0)
             if len(need[g]) > self.bp[g].num_free - hits_free:
                 return None
-        blocks = sorted({i for v in need.values() for i in v})
+        keys = [chain[i] for i in need.get(0, [])]
+        sizes = [store.payload_bytes] * len(keys)
+        if not window_on_device and store.windows:
+            keys.append(store.resume_key(chain[n - 1]))
+            sizes.append(store.resume_bytes({g: len(self._needed(g, n)) for g in self.groups if g}))
         by_tier: dict[str, int] = {}
-        for i in blocks:
-            by_tier[low(i)] = by_tier.get(low(i), 0) + self.store.payload_bytes
-        if not self.store.reload_wins(by_tier, self.store.recompute_flops(n_dev * self.block, n * self.block)):
-            self.store.stats["recomputes"] += 1
+        for k, size in zip(keys, sizes):
+            t = store.where(k)
+            by_tier[t] = by_tier.get(t, 0) + size
+        if not store.reload_wins(by_tier, store.recompute_flops(n_dev * self.block, n * self.block)):
+            store.stats["recomputes"] += 1
             return None
-        got = self.store.load([chain[i] for i in blocks])
-        if len(got) < len(blocks):
+        got = store.load(keys, sizes)
+        if len(got) < len(keys):
             return None
-        self.store.stats["reloads"] += 1
-        return {i: got[chain[i]][1] for i in blocks}
+        store.stats["reloads"] += 1
+        blocks = {i: got[chain[i]] for i in need.get(0, [])}
+        resume = got[keys[-1]][1] if not window_on_device and store.windows else None
+        return blocks, resume, need
+
+    def _restore(self, seq: Sequence, chain, n: int, plan) -> None:
+        """Allocate and fill the blocks a lower-tier hit brings back, and name them."""
+        blocks, resume, need = plan
+        b = self.block
+        for i in need.get(0, []):
+            blk = seq.tables[0][i] = self.bp[0].allocate()
+            self.store.restore(blocks[i][1], blk)
+            self.bp[0].name(blk, chain[i], seq.token_ids[i * b:(i + 1) * b])
+        if resume is None:
+            return
+        spans = {}
+        for g in self.groups:
+            if g == 0:
+                continue
+            spans[g] = []
+            for i in self._needed(g, n):
+                if seq.tables[g][i] >= 0:
+                    spans[g].append(-1)                   # a device hit: keep it
+                else:
+                    seq.tables[g][i] = self.bp[g].allocate()
+                    spans[g].append(seq.tables[g][i])
+                    self.bp[g].name(seq.tables[g][i], chain[i], seq.token_ids[i * b:(i + 1) * b])
+        self.store.restore_resume(resume, spans)
 
     # ------------------------------------------------------------------ step inputs
     def tables(self, seqs: Seq[Sequence], device) -> dict[int, torch.Tensor]:

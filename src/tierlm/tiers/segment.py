@@ -5,7 +5,9 @@ Directory layout (private to the user: 0700 directory, 0600 files):
   layout-<id>.json      what a payload holds: the model, one entry per (layer, stream) with its
                         dtype, shape, offset and size; <id> is the sha256 of the file's content
   usage.json            counters accumulated by the engines that used the directory
-  seg-<n>.log           records, appended; a new segment starts past `SEGMENT_BYTES`
+  seg-<n>.log           records, appended; a new segment starts past `SEGMENT_BYTES`. Block
+                        records and resume records go to different open segments, so the
+                        blocks of a prefix lie one after another
 
 A record (all integers little-endian):
   magic      8 B   b"TLMKVREC"
@@ -106,6 +108,7 @@ class SegmentStore:
         self.budget, self.ttl, self.read_only = budget_bytes, ttl_s, read_only
         self.index: dict[bytes, Entry] = {}
         self.segments: dict[int, int] = {}        # segment number -> bytes
+        self.open: dict[str, int] = {}            # stream -> the segment it appends to (this run)
         self.corrupt = 0
         self.full = False                          # a write hit ENOSPC: no more writes this run
         self._lock = None
@@ -213,14 +216,17 @@ class SegmentStore:
         os.rename(tmp, f)
 
     # ------------------------------------------------------------------ writes
-    def put(self, fingerprint: bytes, key: bytes, parent: bytes, layout: bytes, tokens, payload) -> bool:
-        """Append one block; False when the disk is full (then no further writes are tried)."""
+    def put(self, fingerprint: bytes, key: bytes, parent: bytes, layout: bytes, tokens, payload,
+            stream: str = "blocks") -> bool:
+        """Append one record to the open segment of `stream` (records of one stream stay
+        adjacent, so a prefix reads back in one pread); False when the disk is full (then no
+        further writes are tried)."""
         if self.read_only or self.full or key in self.index:
             return False
         head, payload = encode_record(fingerprint, key, parent, layout, tokens, payload)
-        n = max(self.segments, default=0)
-        if n == 0 or self.segments[n] + len(head) + len(payload) > SEGMENT_BYTES:
-            n += 1
+        n = self.open.get(stream)
+        if n is None or self.segments.get(n, SEGMENT_BYTES) + len(head) + len(payload) > SEGMENT_BYTES:
+            n = self.open[stream] = max(self.segments, default=0) + 1
             self.segments[n] = 0
         f = self._segment_path(n)
         at = self.segments[n]
@@ -252,11 +258,10 @@ class SegmentStore:
         """Drop whole segments, oldest first, while over budget or older than the TTL (the
         segment being written is kept unless it alone is over budget)."""
         now = time.time()
-        newest = max(self.segments, default=0)
         for n in sorted(self.segments):
             created = [e.created for e in self.index.values() if e.segment == n]
             expired = bool(created) and now - max(created) > self.ttl
-            if not (self.nbytes() > self.budget or expired) or (n == newest and not expired
+            if not (self.nbytes() > self.budget or expired) or (n in self.open.values() and not expired
                                                                  and self.segments[n] <= self.budget):
                 continue
             self._drop_segment(n)
@@ -265,6 +270,7 @@ class SegmentStore:
         for k in [k for k, e in self.index.items() if e.segment == n]:
             del self.index[k]
         self.segments.pop(n, None)
+        self.open = {k: v for k, v in self.open.items() if v != n}
         try:
             self._segment_path(n).unlink()
         except FileNotFoundError:
@@ -296,7 +302,7 @@ class SegmentStore:
             f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
-    def get_many(self, keys: list[bytes], fingerprint: bytes) -> list[bytes | None]:
+    def get_many(self, keys: list[bytes], fingerprint: bytes) -> list[memoryview | None]:
         """Payloads of keys (None where missing or corrupt), read with one pread per run of
         adjacent records and verified: payload checksum, fingerprint, sha256(parent || tokens)."""
         out: list[bytes | None] = [None] * len(keys)
@@ -312,14 +318,16 @@ class SegmentStore:
                 runs.append([(i, e)])
         for run in runs:
             first, end = run[0][1], run[-1][1].offset + run[-1][1].length
+            buf = bytearray(end - first.offset)
             try:
                 with open(self._segment_path(first.segment), "rb") as fh:
-                    buf = os.pread(fh.fileno(), end - first.offset, first.offset)
+                    got = os.preadv(fh.fileno(), [buf], first.offset)
             except OSError:
-                buf = b""
+                got = 0
+            view = memoryview(buf)[:got]
             for i, e in run:
                 at = e.offset - first.offset
-                payload = buf[at + e.payload_at:at + e.length]
+                payload = view[at + e.payload_at:at + e.length]      # no copy
                 if (len(payload) != e.length - e.payload_at or zlib.crc32(payload) != e.crc
                         or e.fingerprint != fingerprint or block_hash(e.parent, e.tokens) != keys[i]):
                     self.corrupt += 1

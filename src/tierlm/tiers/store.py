@@ -28,6 +28,7 @@ import torch
 
 from ..errors import TierlmError
 from ..spec.cache import window_of
+from ..runtime.blocks import block_hash
 from .segment import SegmentStore
 
 TIERS = ("host", "disk")
@@ -75,6 +76,9 @@ class TierStore:
     # seconds a reload pays before its first byte (a disk read's seek and syscalls), so that a
     # prefix of a block or two is recomputed: prefill cost and reload bytes both grow linearly
     LATENCY = {"host": 0.0, "disk": 2e-4}
+    # besides the last block of every sequence, every RESUME_EVERY-th block stores what window
+    # streams need to resume after it: a hit resumes at the longest such point
+    RESUME_EVERY = 16
 
     def __init__(self, spec, pools, fingerprint: bytes, tiers=TIERS, cache_dir=None, host_bytes: int = 1 << 30,
                  disk_bytes: int = 64 << 30, policy: str = "auto", ttl_s: float | None = None):
@@ -90,19 +94,18 @@ class TierStore:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise TierlmError(f"{name} must be a non-negative integer, got {v!r}")
         self.spec, self.pools, self.fingerprint, self.policy = spec, pools, fingerprint, policy
-        # payload layout: every (layer, stream) page of one block, in sorted key order
+        # payload layouts, pages in sorted (layer, stream) order: a block record holds one page of
+        # each per-token stream (group 0); a resume record one page of each window stream for
+        # every block a group needs to resume after its block (span(g, end), oldest first)
         self.keys = sorted(pools.pages)
         self.group = {k: window_of(next(s for s in pools.streams[k[0]] if s.name == k[1])) for k in self.keys}
         self.sizes = {k: pools.pages[k][0].numel() * pools.pages[k].element_size() for k in self.keys}
-        self.offsets, at = {}, 0
-        for k in self.keys:
-            self.offsets[k] = at
-            at += self.sizes[k]
-        self.payload_bytes = at
-        layout = {"model": spec.name, "block_size": pools.block, "streams": [
+        self.windows = sorted({g for g in self.group.values() if g})
+        self.per_group = {g: sum(self.sizes[k] for k in self.keys if self.group[k] == g) for g in {0, *self.windows}}
+        self.payload_bytes = self.per_group[0]
+        layout = {"model": spec.name, "block_size": pools.block, "resume_every": self.RESUME_EVERY, "streams": [
             {"layer": k[0], "stream": k[1], "group": self.group[k], "dtype": str(pools.pages[k].dtype),
-             "shape": list(pools.pages[k].shape[1:]), "offset": self.offsets[k], "nbytes": self.sizes[k]}
-            for k in self.keys]}
+             "shape": list(pools.pages[k].shape[1:]), "nbytes": self.sizes[k]} for k in self.keys]}
         device = next(iter(pools.pages.values())).device
         self.host = HostTier(host_bytes, pin=device.type == "cuda") if "host" in tiers else None
         self.disk = None
@@ -132,17 +135,40 @@ class TierStore:
             return "disk"
         return None
 
-    def save(self, parent: bytes, key: bytes, tokens, blocks: dict[int, int]) -> None:
-        """Snapshot block `key` (physical block id per group) and send it down the tiers."""
-        if self.where(key) is not None:
-            return
-        parts = [self.pools.pages[k][blocks[self.group[k]]].reshape(-1).view(torch.uint8) for k in self.keys]
-        payload = torch.cat(parts).cpu()
+    def _pages(self, keys, block: int) -> list[torch.Tensor]:
+        return [self.pools.pages[k][block].reshape(-1).view(torch.uint8) for k in keys]
+
+    def _put(self, parent: bytes, key: bytes, tokens, parts: list[torch.Tensor], stream: str) -> None:
+        payload = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.uint8)
         if self.host is not None:
             self.host.put(key, payload)
         if self.disk is not None and not self.disk.full:
-            self._queue.put((parent, key, tuple(tokens), payload))
+            self._queue.put((parent, key, tuple(tokens), payload, stream))
         self.stats["stored"] += 1
+
+    def save(self, parent: bytes, key: bytes, tokens, block0: int | None) -> None:
+        """Snapshot the per-token pages of block `key` (physical block `block0` of group 0)."""
+        if self.where(key) is None:
+            keys = [k for k in self.keys if self.group[k] == 0]
+            self._put(parent, key, tokens, self._pages(keys, block0) if block0 is not None else [], "blocks")
+
+    @staticmethod
+    def resume_key(key: bytes) -> bytes:
+        """Key of the resume record after block `key`: the prefix hash of an empty block after it."""
+        return block_hash(key, ())
+
+    def save_resume(self, key: bytes, blocks: dict[int, list[int]]) -> None:
+        """Snapshot what the window streams need to resume after block `key`: for each window
+        group, its physical blocks `blocks[g]` (the group's span before the boundary)."""
+        rkey = self.resume_key(key)
+        if not self.windows or self.where(rkey) is not None:
+            return
+        parts = []
+        for g in self.windows:
+            keys = [k for k in self.keys if self.group[k] == g]
+            for b in blocks[g]:
+                parts += self._pages(keys, b)
+        self._put(key, rkey, (), parts, "resume")
 
     def _write_loop(self) -> None:
         while True:
@@ -150,8 +176,9 @@ class TierStore:
             try:
                 if item is None:
                     return
-                parent, key, tokens, payload = item
-                if not self.disk.put(self.fingerprint, key, parent, self.layout_id, tokens, payload.numpy().data):
+                parent, key, tokens, payload, stream = item
+                if not self.disk.put(self.fingerprint, key, parent, self.layout_id, tokens, payload.numpy().data,
+                                     stream):
                     if self.disk.full and not self.stats["disk_full"]:
                         self.stats["disk_full"] = True
                         warnings.warn(f"cache directory {self.disk.path} is full: new blocks are no longer "
@@ -185,38 +212,55 @@ class TierStore:
             self.disk.close()
 
     # ------------------------------------------------------------------ load
-    def load(self, keys: list[bytes]) -> dict[bytes, tuple[str, torch.Tensor]]:
-        """{key: (tier, payload)} for the keys a lower tier holds and that verify."""
+    def load(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, tuple[str, torch.Tensor]]:
+        """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
+        the expected size."""
         out = {}
         missing = []
-        for k in keys:
+        for k, n in zip(keys, sizes):
             t = self.host.get(k) if self.host is not None else None
-            if t is not None:
+            if t is not None and t.numel() == n:
                 out[k] = ("host", t)
             else:
-                missing.append(k)
+                missing.append((k, n))
         if missing and self.disk is not None:
             self.flush()                            # a block may still be in the write queue
             start = time.perf_counter()
-            got = self.disk.get_many(missing, self.fingerprint)
-            n = 0
-            for k, body in zip(missing, got):
-                if body is not None and len(body) == self.payload_bytes:
-                    t = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+            got = self.disk.get_many([k for k, _ in missing], self.fingerprint)
+            total = 0
+            for (k, n), body in zip(missing, got):
+                if body is not None and len(body) == n:
+                    t = torch.frombuffer(body, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
                     out[k] = ("disk", t)
-                    n += len(body)
+                    total += n
                     if self.host is not None:
                         self.host.put(k, t)
-            self.bandwidth["disk"].add(n, time.perf_counter() - start)
+            self.bandwidth["disk"].add(total, time.perf_counter() - start)
         return out
 
-    def restore(self, payload: torch.Tensor, group: int, block: int) -> None:
-        """Copy the payload's pages of `group` into physical block `block` of that group."""
-        for k in self.keys:
-            if self.group[k] == group:
-                page = self.pools.pages[k][block]
-                src = payload[self.offsets[k]:self.offsets[k] + self.sizes[k]]
-                page.view(-1).view(torch.uint8).copy_(src.to(page.device, non_blocking=True))
+    def restore(self, payload: torch.Tensor, block: int) -> None:
+        """Copy a block record's pages into physical block `block` of group 0."""
+        self._copy(payload, {0: [block]})
+
+    def restore_resume(self, payload: torch.Tensor, spans: dict[int, list[int]]) -> None:
+        """Copy a resume record into each window group's blocks `spans[g]` (the whole span,
+        oldest first; -1 for a block the device already holds)."""
+        self._copy(payload, {g: spans[g] for g in self.windows})
+
+    def resume_bytes(self, spans: dict[int, int]) -> int:
+        """Size of a resume record whose groups' spans have these numbers of blocks."""
+        return sum(spans[g] * self.per_group[g] for g in self.windows)
+
+    def _copy(self, payload: torch.Tensor, blocks: dict[int, list[int]]) -> None:
+        at = 0
+        for g, ids in blocks.items():
+            keys = [k for k in self.keys if self.group[k] == g]
+            for b in ids:
+                for k in keys:
+                    if b >= 0:
+                        page = self.pools.pages[k][b].view(-1).view(torch.uint8)
+                        page.copy_(payload[at:at + self.sizes[k]].to(page.device, non_blocking=True))
+                    at += self.sizes[k]
 
     # ------------------------------------------------------------------ policy
     def reload_wins(self, tier_bytes: dict[str, int], flops: float) -> bool:

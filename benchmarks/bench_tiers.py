@@ -1,0 +1,220 @@
+"""Benchmark: the disk KV tier against the raw disk, against recomputing, and against llama.cpp.
+
+1. Reload bandwidth: a --context-token prefix's blocks read back and verified from the disk tier
+   (`SegmentStore.get_many`) vs a raw sequential read (1 MiB reads) of the same segment files,
+   with the page cache dropped before every read (posix_fadvise DONTNEED). Median of --repeat,
+   alternating. The planner's predicted reload time, cache bytes (`tierlm plan --layout tierlm`)
+   / the raw bandwidth just measured, is compared with the measured one.
+2. Time to first token of a --context-token prompt: recomputed (no tiers) vs reloaded from the
+   disk tier by a fresh engine (page cache dropped), on the demo model and a random tiny V4.
+3. The same prefix saved and restored by llama.cpp's state files (`llama_state_save_file` /
+   `llama_state_load_file`, page cache dropped) + evaluating the last token, vs tierlm's disk
+   reload + first token, on the ~100M-parameter Llama of bench_llamacpp.py (f32 both).
+
+    python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4096] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tierlm  # noqa: E402
+from tierlm import LLM, SamplingParams  # noqa: E402
+from tierlm.runtime.blocks import block_hash, hash_chain  # noqa: E402
+from tierlm.tiers.segment import SegmentStore  # noqa: E402
+from tierlm.train import demo  # noqa: E402
+
+FIRST = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+def drop_cache(files) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(files) -> tuple[int, float]:
+    drop_cache(files)
+    n, start = 0, time.perf_counter()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                n += len(chunk)
+        finally:
+            os.close(fd)
+    return n, time.perf_counter() - start
+
+
+def prompt(path, n: int) -> list[int]:
+    from tierlm.spec import load_config_file, parse_config
+    vocab = parse_config(load_config_file(path)).vocab_size
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(2, vocab, (n,), generator=g).tolist()
+
+
+def ttft(llm: LLM, ids: list[int]) -> float:
+    start = time.perf_counter()
+    llm.generate({"prompt_token_ids": ids}, FIRST)
+    return time.perf_counter() - start
+
+
+def fill(path, d: Path, ids, **kw) -> float:
+    """Prefill ids into a fresh disk tier; returns the recompute TTFT measured on the way."""
+    llm = LLM(path, cache_dir=d, tier_policy="recompute", max_model_len=len(ids) + 8, max_num_seqs=1, **kw)
+    t = ttft(llm, ids)
+    llm.close()
+    return t
+
+
+def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
+    drop_cache(sorted(d.glob("seg-*.log")))
+    llm = LLM(path, cache_dir=d, tier_policy="reload", max_model_len=len(ids) + 8, max_num_seqs=1, **kw)
+    t = ttft(llm, ids)
+    stats = llm.stats()
+    llm.close()
+    return t, stats
+
+
+def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
+    """Read back what a reload of ids reads (its block records and the resume record after the
+    last one) vs a raw read of the segment files, page cache dropped before each."""
+    store = SegmentStore(d, 1 << 62, read_only=True)
+    files = sorted(d.glob("seg-*.log"))
+    first = next(iter(store.index.values()))
+    block = store.layout(first.layout)["block_size"]
+    chain = hash_chain(first.fingerprint, ids[:-1], block)
+    keys = [k for k in chain if k in store.index]
+    resume = [k for k in (block_hash(h, ()) for h in reversed(keys)) if k in store.index][:1]
+    keys += resume
+    nbytes = sum(store.index[k].length for k in keys)
+    ours, raw = [], []
+    for _ in range(repeat):
+        drop_cache(files)
+        start = time.perf_counter()
+        got = store.get_many(keys, first.fingerprint)
+        ours.append(time.perf_counter() - start)
+        assert all(g is not None for g in got)
+        n, t = raw_read(files)
+        raw.append(t)
+    return {"bytes": nbytes, "blocks": len(keys), "disk_bytes": sum(f.stat().st_size for f in files),
+            "reload_s": statistics.median(ours), "raw_s": statistics.median(raw),
+            "reload_GBps": nbytes / statistics.median(ours) / 1e9, "raw_GBps": n / statistics.median(raw) / 1e9}
+
+
+def tiny_v4(path: Path) -> Path:
+    csa, hca, swa = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
+    cfg = T.DeepseekV4Config(vocab_size=512, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
+                             layer_types=[swa, csa, hca, csa], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+                             compress_rates={csa: 4, hca: 32}, sliding_window=64, index_topk=64, hc_mult=2,
+                             num_attention_heads=8, head_dim=64, q_lora_rank=128, partial_rotary_factor=0.25,
+                             num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, o_groups=2,
+                             o_lora_rank=64, index_n_heads=4, index_head_dim=32, max_position_embeddings=65536)
+    torch.manual_seed(0)
+    model = T.DeepseekV4ForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.1) + (1.0 if n.endswith("norm.weight") else 0))
+    model.save_pretrained(path)
+    return path
+
+
+def llamacpp(tmp: Path, context: int, threads: int) -> dict:
+    import bench_llamacpp as bl
+    import llama_cpp
+    ckpt = bl.make_checkpoint(tmp / "llama", "f32")
+    gguf_path = bl.write_gguf(ckpt, tmp / "llama.gguf", "f32")
+    ids = bl.prompt_ids(context)
+    # llama.cpp: evaluate, save the state file, then restore it in a fresh context
+    llm = bl.open_llama_cpp(gguf_path, "f32", context + 16, threads)
+    start = time.perf_counter()
+    llm.eval(ids[:-1])
+    cpp_prefill = time.perf_counter() - start
+    state = tmp / "state.bin"
+    arr = (llama_cpp.llama_token * len(ids))(*ids)
+    assert llama_cpp.llama_state_save_file(llm.ctx, str(state).encode(), arr, len(ids) - 1)
+    del llm
+    llm = bl.open_llama_cpp(gguf_path, "f32", context + 16, threads)
+    drop_cache([state])
+    out = (llama_cpp.llama_token * (context + 16))()
+    n_out = ctypes.c_size_t(0)
+    start = time.perf_counter()
+    assert llama_cpp.llama_state_load_file(llm.ctx, str(state).encode(), out, context + 16, ctypes.byref(n_out))
+    llm.n_tokens = n_out.value
+    llm.input_ids[:n_out.value] = ids[:n_out.value]
+    llm.eval(ids[-1:])
+    cpp_restore = time.perf_counter() - start
+    # tierlm: the same weights and prefix through the disk tier
+    d = tmp / "kv-llama"
+    ours_prefill = fill(ckpt, d, ids, dtype=torch.float32)
+    ours_reload, stats = reload_ttft(ckpt, d, ids, dtype=torch.float32)
+    assert stats["prefix_hit_tokens_by_tier"]["disk"] > 0
+    return {"context": context, "llamacpp_state_bytes": state.stat().st_size, "llamacpp_prefill_s": cpp_prefill,
+            "llamacpp_restore_s": cpp_restore, "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
+            "tierlm_disk_bytes": sum(f.stat().st_size for f in d.glob("seg-*.log")),
+            "ratio": cpp_restore / ours_reload}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--llamacpp-context", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tiers-", dir=os.environ.get("BENCH_DIR")))
+    demo_path, _ = demo.build(demo.DemoSettings())
+    results = {}
+    for name, path in (("demo", demo_path), ("tiny-v4", tiny_v4(tmp / "v4"))):
+        d = tmp / f"kv-{name}"
+        ids = prompt(path, args.context)
+        recompute = fill(path, d, ids)
+        bw = bandwidth(d, ids, args.repeat)
+        reloads = [reload_ttft(path, d, ids) for _ in range(args.repeat)]
+        reload = statistics.median(t for t, _ in reloads)
+        hits = reloads[0][1]["prefix_hit_tokens_by_tier"]
+        plan = tierlm.plan(str(path), args.context, layout="tierlm", kv_dtype="fp32", indexer_dtype="fp32")
+        predicted = plan.data["kv_cache"]["total_bytes"] / (bw["raw_GBps"] * 1e9)
+        results[name] = {"recompute_ttft_s": recompute, "reload_ttft_s": reload, "ttft_ratio": recompute / reload,
+                         "disk_hit_tokens": hits["disk"], **bw, "planner_cache_bytes": plan.data["kv_cache"]["total_bytes"],
+                         "planner_reload_s": predicted, "planner_vs_measured": predicted / bw["reload_s"]}
+        r = results[name]
+        print(f"{name}: {args.context:,}-token prefix, a reload reads {r['bytes'] / 2**20:.2f} MiB in {r['blocks']:,} "
+              f"records ({r['disk_bytes'] / 2**20:.2f} MiB on disk with the intermediate resume records)")
+        print(f"  reload bandwidth {r['reload_GBps']:.2f} GB/s vs raw sequential read {r['raw_GBps']:.2f} GB/s: "
+              f"ratio {r['reload_GBps'] / r['raw_GBps']:.2f}")
+        print(f"  TTFT recompute {recompute:.2f} s vs reload from disk {reload:.3f} s "
+              f"({hits['disk']:,} tokens from disk): {recompute / reload:.1f}x")
+        print(f"  planner: {r['planner_cache_bytes'] / 2**20:.1f} MiB / {bw['raw_GBps']:.2f} GB/s = "
+              f"{predicted * 1e3:.1f} ms predicted vs {bw['reload_s'] * 1e3:.1f} ms measured "
+              f"({r['planner_vs_measured']:.2f}x)")
+    if not args.skip_llamacpp:
+        lc = llamacpp(tmp, args.llamacpp_context, args.threads)
+        results["llamacpp"] = lc
+        print(f"llama.cpp state file vs tierlm disk tier, {lc['context']:,}-token prefix, 99.5M Llama f32: "
+              f"llama.cpp restore + 1 token {lc['llamacpp_restore_s']:.3f} s ({lc['llamacpp_state_bytes'] / 2**20:.1f} MiB), "
+              f"tierlm reload + 1 token {lc['tierlm_reload_s']:.3f} s ({lc['tierlm_disk_bytes'] / 2**20:.1f} MiB): "
+              f"tierlm {lc['ratio']:.2f}x faster; prefill llama.cpp {lc['llamacpp_prefill_s']:.1f} s, "
+              f"tierlm {lc['tierlm_prefill_s']:.1f} s")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
