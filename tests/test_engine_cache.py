@@ -32,7 +32,7 @@ def planned(path, n, dtype):
     return json.loads(out.output)["plans"][0]["kv_cache"]["total_bytes"]
 
 
-@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "fp32"])
 def test_cache_bytes_equal_plan_and_pools(checkpoint, kv):
     name, path = checkpoint
     llm = LLM(path, dtype=torch.float32, kv_dtype=kv, indexer_dtype=kv, max_model_len=200)
