@@ -147,7 +147,18 @@ def _tier_options(cache_dir: Optional[str], kv_tiers: Optional[str], host_cache:
             "disk_cache_bytes": parse_bytes(disk_cache, "--disk-cache") if disk_cache else None}
 
 
+def _offload_options(experts_on: str, device_experts: Optional[str], engram_on: str) -> dict:
+    """LLM keyword arguments of --experts-on / --device-experts / --engram-on."""
+    from .units import parse_bytes
+    return {"experts_on": experts_on, "engram_on": engram_on,
+            "device_expert_bytes": parse_bytes(device_experts, "--device-experts") if device_experts else None}
+
+
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Directory of the disk KV tier (kept across runs).")
+EXPERTS_ON = typer.Option("device", "--experts-on", help="device | host | disk (mapped from the checkpoint)")
+DEVICE_EXPERTS = typer.Option(None, "--device-experts", help="Device budget for resident experts, e.g. 2GiB "
+                              "(default: half of the routed experts).")
+ENGRAM_ON = typer.Option("device", "--engram-on", help="device | host | disk: where Engram tables live")
 KV_TIERS = typer.Option(None, "--kv-tiers", help="host,disk (default: host, plus disk with --cache-dir).")
 HOST_CACHE = typer.Option(None, "--host-cache", help="Host KV tier budget, e.g. 8GiB.")
 DISK_CACHE = typer.Option(None, "--disk-cache", help="Disk KV tier budget, e.g. 100GiB.")
@@ -175,6 +186,9 @@ def generate(
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
     tier_policy: str = TIER_POLICY,
+    experts_on: str = EXPERTS_ON,
+    device_experts: Optional[str] = DEVICE_EXPERTS,
+    engram_on: str = ENGRAM_ON,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with ids, text and stats."),
 ) -> None:
     """Generate a completion for one prompt."""
@@ -193,7 +207,8 @@ def generate(
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                 seed=seed, ignore_eos=ignore_eos)
         llm = _engine(model, dtype, device, kv_dtype, max_model_len,
-                      _tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy))
+                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy),
+                       **_offload_options(experts_on, device_experts, engram_on)})
         t0 = time.perf_counter()
         shown, out = "", None
         for out in llm.generate_stream(request, params):
@@ -239,6 +254,9 @@ def bench(
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
     tier_policy: str = TIER_POLICY,
+    experts_on: str = EXPERTS_ON,
+    device_experts: Optional[str] = DEVICE_EXPERTS,
+    engram_on: str = ENGRAM_ON,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Engine throughput: tokens/s and the cache bytes one sequence holds."""
@@ -250,8 +268,9 @@ def bench(
             if v < 1:
                 raise TierlmError(f"{name} must be >= 1, got {v}")
         from .runtime import bench as b
-        llm = _engine(model, dtype, device, kv_dtype, None, _tier_options(cache_dir, kv_tiers, host_cache, disk_cache,
-                                                                          tier_policy),
+        llm = _engine(model, dtype, device, kv_dtype, None,
+                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy),
+                       **_offload_options(experts_on, device_experts, engram_on)},
                       max_num_seqs=batch, max_num_batched_tokens=max(512, context))
         res = b.prefill(llm, batch, context) if mode == "prefill" else b.decode(llm, batch, context, tokens)
         llm.close()
@@ -382,6 +401,11 @@ def cache(
             print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (dropped from the index)")
     if action == "verify" and result["bad"]:
         raise typer.Exit(1)
+
+
+from .serve.cli import serve as _serve  # noqa: E402  (imports only typer; the server loads lazily)
+
+app.command(name="serve")(_serve)
 
 
 def main() -> None:

@@ -151,10 +151,11 @@ class EngramHashing:
         self.cfg = cfg
         pad_id = cfg.pad_id if pad_id is None else pad_id
         seed = cfg.seed if seed is None else seed
+        # always on the CPU: the loader builds modules under torch.device("meta")
         if lookup_table is None:
-            table = torch.arange(vocab_size, dtype=torch.int64)
+            table = torch.arange(vocab_size, dtype=torch.int64, device="cpu")
         else:
-            table = torch.as_tensor(np.asarray(lookup_table), dtype=torch.int64).reshape(-1).clone()
+            table = torch.as_tensor(np.asarray(lookup_table), dtype=torch.int64, device="cpu").reshape(-1).clone()
         self.table = table
         self.compressed_vocab = int(table.max().item()) + 1
         self.pad_id = int(table[pad_id].item())
@@ -215,18 +216,35 @@ class EngramHashing:
 
 # ---------------------------------------------------------------------------- 3. module
 class MultiHeadEmbedding(nn.Module):
-    """One table for all heads; head j's rows start at offsets[j]."""
+    """One table for all heads; head j's rows start at offsets[j].
+
+    `table` (set by `tierlm.tiers.tables`) keeps the rows off the device, in host memory or
+    memory-mapped from the checkpoint: `prefetch` gathers a step's rows there as soon as its
+    indices are known (from token ids alone, before the layer runs) and moves them over."""
 
     def __init__(self, sizes: Sequence[int], dim: int):
         super().__init__()
         offsets = [0]
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64), persistent=False)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64, device="cpu"), persistent=False)
         self.embedding = nn.Embedding(sum(sizes), dim)
+        self.table: torch.Tensor | None = None
+        self.rows_dtype = torch.float32              # the model's dtype, set with `table`
+        self._ready: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prefetch(self, indices: torch.Tensor) -> None:
+        if self.table is not None:
+            rows = self.table[(indices + self.offsets).cpu()]
+            self._ready = (indices, rows.to(self.offsets.device, self.rows_dtype, non_blocking=True))
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.embedding(indices + self.offsets)
+        if self.table is None:
+            return self.embedding(indices + self.offsets)
+        if self._ready is None or self._ready[0] is not indices:
+            self.prefetch(indices)
+        rows, self._ready = self._ready[1], None
+        return rows
 
 
 class ShortConv(nn.Module):

@@ -46,9 +46,15 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_tensors(files: list[Path], rename: Callable[[str], str] | None = None,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, by (renamed) name, on CPU."""
+                 progress: bool = True, skip: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, by (renamed) name, on CPU; names `skip` accepts are not
+    read at all (a meta tensor of their shape and dtype stands in: experts kept on disk)."""
     out: dict[str, torch.Tensor] = {}
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("loading tensors", total=len(files))
@@ -59,7 +65,12 @@ def read_tensors(files: list[Path], rename: Callable[[str], str] | None = None,
                         name = rename(key) if rename else key
                         if name in out:
                             raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
-                        out[name] = sf.get_tensor(key)
+                        if skip is not None and skip(name):
+                            sl = sf.get_slice(key)
+                            out[name] = torch.empty(sl.get_shape(), dtype=ST_TORCH.get(sl.get_dtype(), torch.float32),
+                                                    device="meta")
+                        else:
+                            out[name] = sf.get_tensor(key)
             except SafetensorError as e:
                 raise CheckpointError(f"{f.name}: corrupted or truncated safetensors file ({e})") from None
             except OSError as e:
@@ -130,12 +141,13 @@ def dequantize_mxfp4(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> di
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         strict: bool = True, progress: bool = True) -> torch.nn.Module:
+         strict: bool = True, progress: bool = True, skip: Callable[[str], bool] | None = None) -> torch.nn.Module:
     """Load a checkpoint directory; returns a module with forward(input_ids) -> logits.
 
     dtype: None keeps the checkpoint's floating dtype (FP8 and MXFP4 weights become the config's
     torch_dtype); otherwise every floating tensor is cast to it. strict=False tolerates
-    unexpected tensors (never missing or mis-shaped ones).
+    unexpected tensors (never missing or mis-shaped ones). skip: names never read, left as
+    meta parameters for `tierlm.tiers.experts` to map from the files on demand.
     """
     from . import families
     path = Path(path)
@@ -148,7 +160,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         if dtype is None:
             raise TierlmError("dtype must be bf16, fp16, fp32 or fp64")
     base = DTYPES.get(spec.quant.base, torch.bfloat16)
-    tensors = read_tensors(checkpoint_files(path), getattr(family, "rename", None), progress)
+    tensors = read_tensors(checkpoint_files(path), getattr(family, "rename", None), progress, skip)
     if any(n.endswith(".weight_scale_inv") for n in tensors):
         tensors = dequantize_fp8(tensors, spec.quant.block, dtype or base)
     if any(n.endswith("_blocks") and n[: -len("_blocks")] + "_scales" in tensors for n in tensors):
@@ -176,5 +188,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         state[name] = t
     model.load_state_dict(state, strict=True, assign=True)
     if device is not None:
-        model.to(device)
+        if skip is None:
+            model.to(device)
+        else:                                      # meta stand-ins stay meta
+            model._apply(lambda t: t if t.device.type == "meta" else t.to(device))
     return model.eval()

@@ -36,7 +36,8 @@ class LLM:
                  speculative: dict | None = None, kv_dtype: str = "auto", indexer_dtype: str | None = None,
                  reference: str = "official", cache_dir: str | os.PathLike | None = None,
                  kv_tiers: tuple[str, ...] | list[str] | None = None, host_cache_bytes: int | None = None,
-                 disk_cache_bytes: int | None = None, tier_policy: str = "auto"):
+                 disk_cache_bytes: int | None = None, tier_policy: str = "auto", experts_on: str = "device",
+                 device_expert_bytes: int | None = None, engram_on: str = "device"):
         from ..model import load
         if reference not in REFERENCES:
             raise TierlmError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
@@ -50,7 +51,18 @@ class LLM:
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
             raise TierlmError("device 'cuda' requested, but this torch has no CUDA device")
         self.path = Path(model)
-        self.model = load(self.path, dtype=dtype, device=device, progress=False)
+        from ..tiers.experts import PLACES, is_routed_expert
+        from ..tiers.tables import is_engram_table
+        for name, v in (("experts_on", experts_on), ("engram_on", engram_on)):
+            if v not in PLACES:
+                raise TierlmError(f"{name} must be one of {', '.join(PLACES)}, got {v!r}")
+        unread = [f for f, on in ((is_routed_expert, experts_on), (is_engram_table, engram_on)) if on == "disk"]
+        self.model = load(self.path, dtype=dtype, device=device, progress=False,
+                          skip=(lambda n: any(f(n) for f in unread)) if unread else None)
+        self.experts = self._experts(experts_on, device_expert_bytes) if experts_on != "device" else None
+        if engram_on != "device":
+            from ..tiers.tables import offload_engram
+            offload_engram(self.model, engram_on, self._mmap() if engram_on == "disk" else None)
         if hasattr(self.model, "set_reference"):
             self.model.set_reference(reference, exact_fp32=False)
         self.spec = spec = self.model.spec
@@ -109,6 +121,18 @@ class LLM:
         ref = weakref.ref(self)                      # blocks still queued reach the disk on exit
         atexit.register(lambda: ref() is not None and ref().close())
         return store
+
+    def _experts(self, where: str, budget: int | None):
+        """Routed experts in host memory or mapped from the checkpoint, a device-resident set of the most used ones."""
+        from ..tiers.experts import ExpertCache
+        return ExpertCache(self.model, where, budget, self._mmap() if where == "disk" else None)
+
+    def _mmap(self):
+        """The checkpoint's tensors, memory-mapped by their module names."""
+        from ..model.families import get
+        from ..model.loader import checkpoint_files
+        from ..tiers.experts import SafetensorsMmap
+        return SafetensorsMmap(checkpoint_files(self.path), getattr(get(self.model.spec.family), "rename", None))
 
     def close(self) -> None:
         """Finish queued disk writes and release the cache directory (also run at exit)."""
@@ -174,6 +198,7 @@ class LLM:
                 "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else None,
+                "expert_cache_hit_rate": self.experts.hit_rate() if self.experts is not None else None,
                 **self._tier_stats()}
 
     def _tier_stats(self) -> dict:
@@ -251,7 +276,10 @@ class LLM:
         if not batch:
             return []
         step = self._step(batch)
-        h = self.model.hidden(self._ids(batch).to(self.device), step)
+        ids = self._ids(batch).to(self.device)
+        if self.experts is not None and hasattr(self.model, "known_experts"):
+            self.experts.prefetch(self.model.known_experts(ids))     # hash-routed layers: known now
+        h = self.model.hidden(ids, step)
         if self.speculator is not None and not prefill:
             touched = self.speculator.verify(batch, step, h)
         else:

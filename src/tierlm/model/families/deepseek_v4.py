@@ -577,6 +577,16 @@ class DeepseekV4(nn.Module):
         return self.head(self.model.norm(hc_collapse(h, hc.hc_fn, hc.hc_scale, hc.hc_base, self.eps, self.hc_eps,
                                                      self.mode)))
 
+    def known_experts(self, input_ids: torch.Tensor) -> list[str]:
+        """Routed experts the hash-routed layers will run for input_ids (`tid2eid[token]`),
+        known before the step runs (so an expert cache can load them first)."""
+        out = []
+        for i, layer in enumerate(self.model.layers):
+            gate = layer.ffn.gate
+            if gate.hash:
+                out += [f"model.layers.{i}.ffn.experts.{e}" for e in gate.tid2eid[input_ids].unique().tolist()]
+        return out
+
     @property
     def num_mtp_layers(self) -> int:
         return len(self.mtp)

@@ -230,6 +230,9 @@ class CausalLM(nn.Module):
                                 rope.attention_factor)
         cos, sin = cos.view(*step.positions.shape, -1), sin.view(*step.positions.shape, -1)
         engram = self.engram_hashing.step(input_ids, step) if self.engram_hashing is not None else None
+        for block in self.model.layers:        # off-device Engram tables: gather every layer's rows now
+            if block.engram is not None:
+                block.engram.multi_head_embedding.prefetch(engram[block.engram.layer_id])
         for block in self.model.layers:
             x = block(x, step.positions, cos, sin, step, engram)
         return self.model.norm(x)
