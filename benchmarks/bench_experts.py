@@ -1,11 +1,11 @@
 """Benchmark: decode tokens/s with a quarter of the routed experts resident on the device vs
 all of them, under skewed routing, on one random DeepSeek-V3-shaped checkpoint.
 
-The checkpoint (written by transformers): 4 MoE layers, hidden 512, 32 routed experts of
-intermediate 1024 (top-4, sigmoid scores, one shared expert), 12.6 M expert parameters per
-layer. Routing is skewed with the selection bias (`e_score_correction_bias`, which picks
+The checkpoint (written by transformers): 4 MoE layers, hidden 512, 16 routed experts of
+intermediate 512 (top-2, sigmoid scores, one shared expert), 12.6 M routed-expert parameters
+per layer. Routing is skewed with the selection bias (`e_score_correction_bias`, which picks
 experts but does not weight them): expert e gets -SLOPE * e, so low ids are chosen far more
-often; the share of routes that go to each layer's 8 most used experts is printed. Experts
+often; the share of routes that go to each layer's 4 most used experts is printed. Experts
 off the device are kept in host memory (`experts_on="host"`) or mapped from the safetensors
 file (`"disk"`) with a budget of 25 % of the expert bytes. Decode: batch B, --context-token
 prompts, --tokens greedy tokens, timed by `tierlm.runtime.bench.decode`; ratio = offloaded /
@@ -30,8 +30,8 @@ from tierlm.tiers.experts import routed_experts
 
 
 def make(path: Path, slope: float) -> Path:
-    cfg = T.DeepseekV3Config(vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_intermediate_size=1024,
-                             num_hidden_layers=4, first_k_dense_replace=0, n_routed_experts=32, num_experts_per_tok=4,
+    cfg = T.DeepseekV3Config(vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
+                             num_hidden_layers=4, first_k_dense_replace=0, n_routed_experts=16, num_experts_per_tok=2,
                              n_shared_experts=1, n_group=1, topk_group=1, num_attention_heads=8, num_key_value_heads=8,
                              q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                              max_position_embeddings=1024, norm_topk_prob=True)
@@ -70,13 +70,13 @@ def main() -> None:
             top = []
             for layer in range(4):
                 counts = sorted((v for k, v in uses.items() if k.startswith(f"model.layers.{layer}.")), reverse=True)
-                top.append(sum(counts[:8]) / max(sum(counts), 1))
+                top.append(sum(counts[:4]) / max(sum(counts), 1))
             ratio = off["tokens_per_s"] / base["tokens_per_s"]
             results[f"{where}-b{b}"] = {"all_resident": base["tokens_per_s"], "quarter_resident": off["tokens_per_s"],
-                                        "ratio": ratio, "hit_rate": llm.experts.hit_rate(), "top8_share": top}
+                                        "ratio": ratio, "hit_rate": llm.experts.hit_rate(), "top4_share": top}
             print(f"experts on {where}, batch {b}: {off['tokens_per_s']:.1f} tok/s with 25% resident vs "
                   f"{base['tokens_per_s']:.1f} all resident: ratio {ratio:.2f}; expert cache hit rate "
-                  f"{llm.experts.hit_rate():.2f}; routes to each layer's 8 most used experts "
+                  f"{llm.experts.hit_rate():.2f}; routes to each layer's 4 most used experts "
                   + ", ".join(f"{t:.0%}" for t in top))
     print(json.dumps(results))
 

@@ -11,13 +11,14 @@
    `llama_state_load_file`, page cache dropped) + evaluating the last token, vs tierlm's disk
    reload + first token, on the ~100M-parameter Llama of bench_llamacpp.py (f32 both).
 
-    python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4096] [--repeat 3]
+    python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4000] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import statistics
@@ -111,6 +112,8 @@ def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
         got = store.get_many(keys, first.fingerprint)
         ours.append(time.perf_counter() - start)
         assert all(g is not None for g in got)
+        del got                                   # unmap, or the page cache cannot drop those pages
+        gc.collect()
         n, t = raw_read(files)
         raw.append(t)
     return {"bytes": nbytes, "blocks": len(keys), "disk_bytes": sum(f.stat().st_size for f in files),
@@ -174,7 +177,7 @@ def llamacpp(tmp: Path, context: int, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--llamacpp-context", type=int, default=4096)
+    ap.add_argument("--llamacpp-context", type=int, default=4000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-llamacpp", action="store_true")

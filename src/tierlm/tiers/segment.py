@@ -26,8 +26,9 @@ A record (all integers little-endian):
 
 Durability: a record counts only when it is whole and both checksums match, so a process
 killed mid-append leaves a tail that the next start truncates; appends are fsynced before
-the block is reported as stored. Every read re-verifies the payload checksum and that
-sha256(parent || tokens) is the hash it was asked for. A corrupted record is dropped and
+the block is reported as stored. A record is indexed only if sha256(parent || tokens) is its
+key; every read re-checks, from the bytes just read, the header checksum, the key, the
+fingerprint and the payload checksum. A corrupted record is dropped and
 counted; the block is then simply recomputed. Imports no torch (`tierlm cache` uses it).
 """
 
@@ -37,6 +38,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import struct
 import time
@@ -50,6 +52,7 @@ from ..runtime.blocks import block_hash
 MAGIC = b"TLMKVREC"
 FORMAT_VERSION = 1
 HEAD = struct.Struct("<8sHHQ32s32s32s32sdI")          # fixed part of a record header
+FP_AT, KEY_AT = 20, 52                                 # offsets of the fingerprint and the key in it
 SEGMENT_BYTES = 64 << 20
 DEFAULT_TTL_S = 6 * 3600
 
@@ -169,8 +172,11 @@ class SegmentStore:
                 length = hlen + head["payload"]
                 if at + length > len(buf):
                     break
-                self.index[head["hash"]] = Entry(n, at, length, hlen, head["fingerprint"], head["parent"],
-                                                 head["layout"], head["tokens"], head["created"], head["crc"])
+                if block_hash(head["parent"], head["tokens"]) != head["hash"]:
+                    self.corrupt += 1                   # whole, but its tokens do not make its key
+                else:
+                    self.index[head["hash"]] = Entry(n, at, length, hlen, head["fingerprint"], head["parent"],
+                                                     head["layout"], head["tokens"], head["created"], head["crc"])
                 at += length
             if at < len(buf):                      # a torn or corrupted tail
                 self.corrupt += 1
@@ -318,23 +324,47 @@ class SegmentStore:
                 runs.append([(i, e)])
         for run in runs:
             first, end = run[0][1], run[-1][1].offset + run[-1][1].length
-            buf = bytearray(end - first.offset)
-            try:
-                with open(self._segment_path(first.segment), "rb") as fh:
-                    got = os.preadv(fh.fileno(), [buf], first.offset)
-            except OSError:
-                got = 0
-            view = memoryview(buf)[:got]
+            view = self._map(first.segment, first.offset, end)
             for i, e in run:
                 at = e.offset - first.offset
-                payload = view[at + e.payload_at:at + e.length]      # no copy
-                if (len(payload) != e.length - e.payload_at or zlib.crc32(payload) != e.crc
-                        or e.fingerprint != fingerprint or block_hash(e.parent, e.tokens) != keys[i]):
+                if not self._intact(view, at, e, keys[i], fingerprint):
                     self.corrupt += 1
                     self.index.pop(keys[i], None)
                     continue
-                out[i] = payload
+                out[i] = view[at + e.payload_at:at + e.length]      # no copy
         return out
+
+    def _map(self, segment: int, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of a segment, mapped copy-on-write (writable for torch, never
+        written back) rather than read into a fresh buffer: no allocation, no zero-fill, and
+        the OS reads the range ahead (MADV_WILLNEED). Empty if the file is gone or short."""
+        try:
+            with open(self._segment_path(segment), "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size == 0:
+                    return memoryview(b"")
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):
+            return memoryview(b"")
+        end = min(end, size)
+        if start >= end:
+            return memoryview(b"")
+        page = mmap.PAGESIZE
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_WILLNEED, start // page * page, end - start // page * page)
+        return memoryview(mm)[start:end]
+
+    @staticmethod
+    def _intact(view: memoryview, at: int, e: Entry, key: bytes, fingerprint: bytes) -> bool:
+        """The record as read now: whole, header checksum, key and fingerprint as expected,
+        payload checksum (the header's tokens were checked against the key when indexed)."""
+        if at + e.length > len(view):
+            return False
+        head_end = at + e.payload_at - 4
+        (hcrc,) = struct.unpack_from("<I", view, head_end)
+        return (zlib.crc32(view[at:head_end]) == hcrc and view[at + KEY_AT:at + KEY_AT + 32] == key
+                and view[at + FP_AT:at + FP_AT + 32] == fingerprint
+                and zlib.crc32(view[at + e.payload_at:at + e.length]) == e.crc)
 
     def verify(self) -> tuple[int, int]:
         """(good, bad) records, every payload checksum and hash re-checked against the file."""
