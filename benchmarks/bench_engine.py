@@ -30,14 +30,14 @@ def make_llama(path: Path) -> Path:
     return _save(T.LlamaForCausalLM(cfg), path / "llama")
 
 
-def make_v4(path: Path) -> Path:
+def make_v4(path: Path, max_position: int = 4096) -> Path:
     csa, hca, swa = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
     cfg = T.DeepseekV4Config(vocab_size=512, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
                              layer_types=[swa, csa, hca, csa], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
                              compress_rates={csa: 4, hca: 32}, sliding_window=64, index_topk=64, hc_mult=2,
                              num_attention_heads=8, head_dim=64, q_lora_rank=128, partial_rotary_factor=0.25,
                              num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, o_groups=2,
-                             o_lora_rank=64, index_n_heads=4, index_head_dim=32, max_position_embeddings=4096)
+                             o_lora_rank=64, index_n_heads=4, index_head_dim=32, max_position_embeddings=max_position)
     return _save(T.DeepseekV4ForCausalLM(cfg), path / "v4")
 
 

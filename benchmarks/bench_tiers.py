@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-import transformers as T
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_engine  # noqa: E402
 import tierlm  # noqa: E402
 from tierlm import LLM, SamplingParams  # noqa: E402
 from tierlm.runtime.blocks import block_hash, hash_chain  # noqa: E402
@@ -121,23 +121,6 @@ def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
             "reload_GBps": nbytes / statistics.median(ours) / 1e9, "raw_GBps": n / statistics.median(raw) / 1e9}
 
 
-def tiny_v4(path: Path) -> Path:
-    csa, hca, swa = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
-    cfg = T.DeepseekV4Config(vocab_size=512, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
-                             layer_types=[swa, csa, hca, csa], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
-                             compress_rates={csa: 4, hca: 32}, sliding_window=64, index_topk=64, hc_mult=2,
-                             num_attention_heads=8, head_dim=64, q_lora_rank=128, partial_rotary_factor=0.25,
-                             num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, o_groups=2,
-                             o_lora_rank=64, index_n_heads=4, index_head_dim=32, max_position_embeddings=65536)
-    torch.manual_seed(0)
-    model = T.DeepseekV4ForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.1) + (1.0 if n.endswith("norm.weight") else 0))
-    model.save_pretrained(path)
-    return path
-
-
 def llamacpp(tmp: Path, context: int, threads: int) -> dict:
     import bench_llamacpp as bl
     import llama_cpp
@@ -185,7 +168,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tiers-", dir=os.environ.get("BENCH_DIR")))
     demo_path, _ = demo.build(demo.DemoSettings())
     results = {}
-    for name, path in (("demo", demo_path), ("tiny-v4", tiny_v4(tmp / "v4"))):
+    for name, path in (("demo", demo_path), ("tiny-v4", bench_engine.make_v4(tmp, max_position=65536))):
         d = tmp / f"kv-{name}"
         ids = prompt(path, args.context)
         recompute = fill(path, d, ids)

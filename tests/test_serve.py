@@ -172,7 +172,8 @@ def test_stream_concatenates_to_the_full_text(client):
     assert usage_only["choices"] == [] and usage_only["usage"] == full["usage"]
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == full["choices"][0]["text"]
     assert sum((ch["choices"][0]["token_ids"] for ch in chunks), []) == full["choices"][0]["token_ids"]
-    assert len(chunks) == 10 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # one chunk per engine step that made tokens: how many depends on how fast the client reads
+    assert all(ch["choices"][0]["token_ids"] for ch in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks[:-1])
     assert chunks[-1]["usage"] == full["usage"]
 
