@@ -32,6 +32,7 @@ from ..runtime.blocks import block_hash
 from .segment import SegmentStore
 
 TIERS = ("host", "disk")
+DISK_READ_GUESS = 2e9      # bytes/s a disk reload is assumed to read at until one is measured
 POLICIES = ("auto", "reload", "recompute")
 
 
@@ -119,7 +120,7 @@ class TierStore:
                 warnings.warn(f"cannot write to cache directory {cache_dir} ({e.strerror or e}): the disk tier "
                               "only serves what it already holds", RuntimeWarning, stacklevel=2)
         self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "disk_full": False}
-        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(self._disk_read_rate())}
+        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(DISK_READ_GUESS)}
         self.flops = Rate(_matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
         self._writer = None
@@ -278,9 +279,6 @@ class TierStore:
     def corrupt(self) -> int:
         """Records dropped because they failed verification (torn tails at start included)."""
         return self.disk.corrupt if self.disk is not None else 0
-
-    def _disk_read_rate(self) -> float:
-        return 1e9 if self.disk is None else 2e9      # refined by every disk reload
 
     def bytes_by_tier(self) -> dict[str, int]:
         return {"host": self.host.bytes if self.host is not None else 0,
