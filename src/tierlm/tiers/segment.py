@@ -41,6 +41,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ class SegmentStore:
         self.open: dict[str, int] = {}            # stream -> the segment it appends to (this run)
         self.corrupt = 0
         self.full = False                          # a write hit ENOSPC: no more writes this run
+        # the engine reads while its background writer appends and evicts: one lock for the index
+        self._mu = threading.RLock()
         self._lock = None
         if read_only:
             if not self.path.is_dir():
@@ -190,7 +193,8 @@ class SegmentStore:
         return key in self.index
 
     def nbytes(self) -> int:
-        return sum(self.segments.values())
+        with self._mu:
+            return sum(self.segments.values())
 
     # ------------------------------------------------------------------ layouts
     def put_layout(self, layout: dict) -> bytes:
@@ -227,50 +231,52 @@ class SegmentStore:
         """Append one record to the open segment of `stream` (records of one stream stay
         adjacent, so a prefix reads back in one pread); False when the disk is full (then no
         further writes are tried)."""
-        if self.read_only or self.full or key in self.index:
-            return False
-        head, payload = encode_record(fingerprint, key, parent, layout, tokens, payload)
-        n = self.open.get(stream)
-        if n is None or self.segments.get(n, SEGMENT_BYTES) + len(head) + len(payload) > SEGMENT_BYTES:
-            n = self.open[stream] = max(self.segments, default=0) + 1
-            self.segments[n] = 0
-        f = self._segment_path(n)
-        at = self.segments[n]
-        try:
-            fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.pwrite(fd, head + bytes(payload), at)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            try:                                    # drop what may have been written
-                with open(f, "r+b") as fh:
-                    fh.truncate(at)
-            except OSError:
-                pass
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.full = True
+        with self._mu:
+            if self.read_only or self.full or key in self.index:
                 return False
-            raise
-        self.segments[n] = at + len(head) + len(payload)
-        self.index[key] = Entry(n, at, len(head) + len(payload), len(head), fingerprint, parent, layout,
-                                tuple(tokens), time.time(), zlib.crc32(payload))
-        if self.nbytes() > self.budget:
-            self.evict()
-        return True
+            head, payload = encode_record(fingerprint, key, parent, layout, tokens, payload)
+            n = self.open.get(stream)
+            if n is None or self.segments.get(n, SEGMENT_BYTES) + len(head) + len(payload) > SEGMENT_BYTES:
+                n = self.open[stream] = max(self.segments, default=0) + 1
+                self.segments[n] = 0
+            f = self._segment_path(n)
+            at = self.segments[n]
+            try:
+                fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    os.pwrite(fd, head + bytes(payload), at)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                try:                                    # drop what may have been written
+                    with open(f, "r+b") as fh:
+                        fh.truncate(at)
+                except OSError:
+                    pass
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.full = True
+                    return False
+                raise
+            self.segments[n] = at + len(head) + len(payload)
+            self.index[key] = Entry(n, at, len(head) + len(payload), len(head), fingerprint, parent, layout,
+                                    tuple(tokens), time.time(), zlib.crc32(payload))
+            if self.nbytes() > self.budget:
+                self.evict()
+            return True
 
     def evict(self) -> None:
         """Drop whole segments, oldest first, while over budget or older than the TTL (the
         segment being written is kept unless it alone is over budget)."""
-        now = time.time()
-        for n in sorted(self.segments):
-            created = [e.created for e in self.index.values() if e.segment == n]
-            expired = bool(created) and now - max(created) > self.ttl
-            if not (self.nbytes() > self.budget or expired) or (n in self.open.values() and not expired
-                                                                 and self.segments[n] <= self.budget):
-                continue
-            self._drop_segment(n)
+        with self._mu:
+            now = time.time()
+            for n in sorted(self.segments):
+                created = [e.created for e in self.index.values() if e.segment == n]
+                expired = bool(created) and now - max(created) > self.ttl
+                if not (self.nbytes() > self.budget or expired) or (n in self.open.values() and not expired
+                                                                     and self.segments[n] <= self.budget):
+                    continue
+                self._drop_segment(n)
 
     def _drop_segment(self, n: int) -> None:
         for k in [k for k, e in self.index.items() if e.segment == n]:
@@ -302,37 +308,39 @@ class SegmentStore:
         self._atomic_write(self.path / "usage.json", json.dumps(total).encode())
 
     def clear(self) -> None:
-        for n in list(self.segments):
-            self._drop_segment(n)
-        for f in [*self.path.glob("layout-*.json"), self.path / "usage.json"]:
-            f.unlink(missing_ok=True)
+        with self._mu:
+            for n in list(self.segments):
+                self._drop_segment(n)
+            for f in [*self.path.glob("layout-*.json"), self.path / "usage.json"]:
+                f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
     def get_many(self, keys: list[bytes], fingerprint: bytes) -> list[memoryview | None]:
-        """Payloads of keys (None where missing or corrupt), read with one pread per run of
-        adjacent records and verified: payload checksum, fingerprint, sha256(parent || tokens)."""
-        out: list[bytes | None] = [None] * len(keys)
-        entries = [(i, self.index.get(k)) for i, k in enumerate(keys)]
-        runs: list[list[tuple[int, Entry]]] = []
-        for i, e in entries:
-            if e is None:
-                continue
-            last = runs[-1][-1][1] if runs else None
-            if last is not None and last.segment == e.segment and last.offset + last.length == e.offset:
-                runs[-1].append((i, e))
-            else:
-                runs.append([(i, e)])
-        for run in runs:
-            first, end = run[0][1], run[-1][1].offset + run[-1][1].length
-            view = self._map(first.segment, first.offset, end)
-            for i, e in run:
-                at = e.offset - first.offset
-                if not self._intact(view, at, e, keys[i], fingerprint):
-                    self.corrupt += 1
-                    self.index.pop(keys[i], None)
+        """Payloads of keys (None where missing or corrupt): one mapping per run of adjacent
+        records, each record verified from the bytes read (`_intact`)."""
+        with self._mu:
+            out: list[bytes | None] = [None] * len(keys)
+            entries = [(i, self.index.get(k)) for i, k in enumerate(keys)]
+            runs: list[list[tuple[int, Entry]]] = []
+            for i, e in entries:
+                if e is None:
                     continue
-                out[i] = view[at + e.payload_at:at + e.length]      # no copy
-        return out
+                last = runs[-1][-1][1] if runs else None
+                if last is not None and last.segment == e.segment and last.offset + last.length == e.offset:
+                    runs[-1].append((i, e))
+                else:
+                    runs.append([(i, e)])
+            for run in runs:
+                first, end = run[0][1], run[-1][1].offset + run[-1][1].length
+                view = self._map(first.segment, first.offset, end)
+                for i, e in run:
+                    at = e.offset - first.offset
+                    if not self._intact(view, at, e, keys[i], fingerprint):
+                        self.corrupt += 1
+                        self.index.pop(keys[i], None)
+                        continue
+                    out[i] = view[at + e.payload_at:at + e.length]      # no copy
+            return out
 
     def _map(self, segment: int, start: int, end: int) -> memoryview:
         """Bytes [start, end) of a segment, mapped copy-on-write (writable for torch, never
@@ -368,8 +376,9 @@ class SegmentStore:
 
     def verify(self) -> tuple[int, int]:
         """(good, bad) records, every payload checksum and hash re-checked against the file."""
-        good = bad = 0
-        for key, e in list(self.index.items()):
-            ok = self.get_many([key], e.fingerprint)[0] is not None
-            good, bad = good + ok, bad + (not ok)
-        return good, bad
+        with self._mu:
+            good = bad = 0
+            for key, e in list(self.index.items()):
+                ok = self.get_many([key], e.fingerprint)[0] is not None
+                good, bad = good + ok, bad + (not ok)
+            return good, bad

@@ -185,7 +185,7 @@ class TierStore:
                         warnings.warn(f"cache directory {self.disk.path} is full: new blocks are no longer "
                                       "written to disk (they are recomputed when needed)", RuntimeWarning,
                                       stacklevel=1)
-            except OSError as e:
+            except Exception as e:                  # the writer must outlive any one bad write
                 if not self.stats.get("disk_error"):
                     self.stats["disk_error"] = str(e)
                     warnings.warn(f"disk tier write failed ({e}); continuing without it", RuntimeWarning,
