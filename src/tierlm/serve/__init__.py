@@ -1,4 +1,4 @@
-"""`tierlm serve`: an OpenAI-compatible HTTP server over `tierlm.LLM`, and the planner as `/v1/plan`.
+"""`tierlm serve`: an OpenAI-compatible HTTP server over `tierlm.LLM`, and the planner as `/v1/plan` and a page at `/`.
 
 Needs the `serve` extra (`pip install "tierlm[serve]"`: fastapi, uvicorn, jinja2). Importing this
 package imports nothing heavy; `create_app` (fastapi) loads on first use, and takes an engine you

@@ -1,7 +1,8 @@
 """The FastAPI application: `create_app(llm, ...)`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-GET /health, GET /metrics, POST /v1/plan. With `llm=None` (`tierlm serve --planner-only`) only
+GET /health, GET /metrics, POST /v1/plan, GET /v1/plan/{models,hardware,options}, and the planner
+page at GET / (static files under /static). With `llm=None` (`tierlm serve --planner-only`) only
 the planner, health and metrics routes serve; nothing imports torch then.
 """
 
@@ -19,7 +20,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from ..errors import TierlmError
 from . import errors
@@ -33,6 +35,7 @@ log = logging.getLogger("tierlm.serve")
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.5
+STATIC_DIR = Path(__file__).with_name("static")
 
 
 class BodyLimit:
@@ -210,6 +213,28 @@ def create_app(llm=None, *, model_name: str | None = None, api_key: str | None =
             return await run_in_threadpool(plan_json, req, served)
         except TierlmError as e:
             raise APIError(400, str(e), None, "invalid_plan") from None
+
+    @app.get("/v1/plan/models", dependencies=secured)
+    async def plan_models():
+        from .plan_api import models_json
+        return models_json(served)
+
+    @app.get("/v1/plan/hardware", dependencies=secured)
+    async def plan_hardware():
+        from .plan_api import hardware_json
+        return hardware_json()
+
+    @app.get("/v1/plan/options", dependencies=secured)
+    async def plan_options():
+        from .plan_api import options_json
+        return options_json()
+
+    # ------------------------------------------------------------------ the planner page
+    @app.get("/", include_in_schema=False)
+    async def planner_page():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # ------------------------------------------------------------------ generation
     def need_model(name: str) -> None:

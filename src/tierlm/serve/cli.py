@@ -28,7 +28,8 @@ def serve(
     max_request_bytes: str = typer.Option("1MiB", "--max-request-bytes", help="Largest request body (413 beyond)."),
     shutdown_grace: float = typer.Option(30.0, "--shutdown-grace", help="Seconds running requests may take to "
                                          "finish on SIGTERM before they end with an error."),
-    planner_only: bool = typer.Option(False, "--planner-only", help="Serve /v1/plan only: no model, no torch."),
+    planner_only: bool = typer.Option(False, "--planner-only", help="Serve the planner only (the page at / and "
+                                      "/v1/plan): no model, no torch."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 | fp64 (default: the checkpoint's)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cpu)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
@@ -41,7 +42,7 @@ def serve(
     tier_policy: str = TIER_POLICY,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug | info | warning | error"),
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, metrics, /v1/plan)."""
+    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, metrics, /v1/plan, the planner page at /)."""
     try:
         import uvicorn
 

@@ -48,3 +48,40 @@ def plan_json(req: PlanRequest, served: dict[str, Path] | None = None) -> dict:
             raise TierlmError(f"unknown model {m!r}: give a registry id or alias (see `tierlm models`), "
                               "the served model's name, or a config.json object")
     return {"plans": [plan(s, c, opts).data for s in specs for c in contexts]}
+
+
+def models_json(served: dict[str, Path] | None = None) -> dict:
+    """GET /v1/plan/models: the registry (ids, aliases, model types), and the served model's name."""
+    from ..spec.registry import entries
+    data = [{"id": e.id, "aliases": list(e.aliases), "model_type": e.config.get("model_type"),
+             "max_position": e.config.get("max_position_embeddings"), "served": False}
+            for e in entries().values()]
+    data += [{"id": name, "aliases": [], "model_type": None, "max_position": None, "served": True}
+             for name in (served or {})]
+    return {"object": "list", "data": data}
+
+
+def hardware_json() -> dict:
+    """GET /v1/plan/hardware: the hardware catalog (names `hardware` accepts), as `tierlm hardware --json`."""
+    from ..plan.hardware import catalog
+    from ..plan.planner import DEFAULT_HARDWARE
+    data = [{"name": key, "label": h.name, "description": h.description, "memory_bytes": h.device_memory,
+             "bandwidth": h.device_bandwidth, "flops": h.flops, "devices_per_node": h.devices_per_node,
+             "price_per_hour": h.price_per_hour, "unofficial": h.unofficial} for key, h in catalog().items()]
+    return {"object": "list", "data": data, "default": DEFAULT_HARDWARE}
+
+
+def options_json() -> dict:
+    """GET /v1/plan/options: the values each option of POST /v1/plan takes, and its defaults."""
+    from ..plan.layouts import CACHE_DTYPES, LAYOUTS, STATE_DTYPES
+    from ..plan.memory import COMPONENTS, WEIGHT_DTYPES
+    from ..plan.planner import MAX_DEVICES
+    defaults = {k: f.default for k, f in PlanRequest.model_fields.items() if k != "models"}
+    return {"kv_dtypes": list(CACHE_DTYPES), "indexer_dtypes": list(CACHE_DTYPES), "state_dtypes": list(STATE_DTYPES),
+            "layouts": list(LAYOUTS), "weight_dtypes": list(WEIGHT_DTYPES), "weight_components": list(COMPONENTS),
+            "max_devices": MAX_DEVICES, "max_models": _max_models(), "defaults": defaults}
+
+
+def _max_models() -> int | None:
+    return next((m.max_length for m in PlanRequest.model_fields["models"].metadata
+                 if getattr(m, "max_length", None) is not None), None)
