@@ -88,11 +88,15 @@ class CachePools:
                 out[g] = out.get(g, 0) + entries_per_page(s, block) * tierlm_record_bytes(s, s.width, name)
         return out
 
+    def group_of(self, key: tuple[int, str]) -> int:
+        """The cache group of the page tensor `key` = (layer, stream name)."""
+        li, name = key
+        return next(window_of(s) for s in self.streams[li] if s.name == name)
+
     def bytes_per_block(self) -> dict[int, int]:
         out = dict.fromkeys(self.groups, 0)
-        for (li, name), t in self.pages.items():
-            g = next(window_of(s) for s in self.streams[li] if s.name == name)
-            out[g] += t[0].numel() * t.element_size()
+        for key, t in self.pages.items():
+            out[self.group_of(key)] += t[0].numel() * t.element_size()
         return out
 
     def nbytes(self) -> int:

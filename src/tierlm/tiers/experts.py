@@ -76,16 +76,16 @@ class ExpertCache:
     def __init__(self, model: nn.Module, where: str, device_bytes: int | None, source: SafetensorsMmap | None = None):
         if where not in PLACES[1:]:
             raise TierlmError(f"experts_on must be one of {', '.join(PLACES)}, got {where!r}")
-        self.experts = routed_experts(model)
-        if not self.experts:
+        self.modules = dict(routed_experts(model))
+        if not self.modules:
             raise TierlmError("this model has no per-expert modules to keep off the device")
         self.where, self.source = where, source
         ref = next(p for p in model.parameters() if p.is_floating_point() and p.device.type != "meta")
         self.device, self.dtype = ref.device, ref.dtype
-        self.params = {name: [n for n, _ in m.named_parameters()] for name, m in self.experts}
+        self.params = {name: [n for n, _ in m.named_parameters()] for name, m in self.modules.items()}
         self.host: dict[str, dict[str, torch.Tensor]] = {}
         self.nbytes = {}
-        for name, m in self.experts:
+        for name, m in self.modules.items():
             shapes = {pn: p.shape for pn, p in m.named_parameters()}
             self.nbytes[name] = sum(int(np.prod(s)) for s in shapes.values()) * ref.element_size()
             if where == "host":
@@ -108,7 +108,6 @@ class ExpertCache:
         self.resident: dict[str, nn.Module] = {}
         self.uses: dict[str, int] = {}
         self.hits = self.misses = 0
-        self.modules = dict(self.experts)
 
     def _hook(self, name: str):
         def pre(module, args):

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from ..errors import TierlmError
-from ..spec.cache import window_of
 from ..runtime.blocks import block_hash
 from .segment import SegmentStore
 
@@ -99,10 +98,11 @@ class TierStore:
         # each per-token stream (group 0); a resume record one page of each window stream for
         # every block a group needs to resume after its block (span(g, end), oldest first)
         self.keys = sorted(pools.pages)
-        self.group = {k: window_of(next(s for s in pools.streams[k[0]] if s.name == k[1])) for k in self.keys}
+        self.group = {k: pools.group_of(k) for k in self.keys}
         self.sizes = {k: pools.pages[k][0].numel() * pools.pages[k].element_size() for k in self.keys}
         self.windows = sorted({g for g in self.group.values() if g})
-        self.per_group = {g: sum(self.sizes[k] for k in self.keys if self.group[k] == g) for g in {0, *self.windows}}
+        self.keys_of = {g: [k for k in self.keys if self.group[k] == g] for g in {0, *self.windows}}
+        self.per_group = {g: sum(self.sizes[k] for k in keys) for g, keys in self.keys_of.items()}
         self.payload_bytes = self.per_group[0]
         layout = {"model": spec.name, "block_size": pools.block, "resume_every": self.RESUME_EVERY, "streams": [
             {"layer": k[0], "stream": k[1], "group": self.group[k], "dtype": str(pools.pages[k].dtype),
@@ -150,8 +150,7 @@ class TierStore:
     def save(self, parent: bytes, key: bytes, tokens, block0: int | None) -> None:
         """Snapshot the per-token pages of block `key` (physical block `block0` of group 0)."""
         if self.where(key) is None:
-            keys = [k for k in self.keys if self.group[k] == 0]
-            self._put(parent, key, tokens, self._pages(keys, block0) if block0 is not None else [], "blocks")
+            self._put(parent, key, tokens, self._pages(self.keys_of[0], block0) if block0 is not None else [], "blocks")
 
     @staticmethod
     def resume_key(key: bytes) -> bytes:
@@ -166,9 +165,8 @@ class TierStore:
             return
         parts = []
         for g in self.windows:
-            keys = [k for k in self.keys if self.group[k] == g]
             for b in blocks[g]:
-                parts += self._pages(keys, b)
+                parts += self._pages(self.keys_of[g], b)
         self._put(key, rkey, (), parts, "resume")
 
     def _write_loop(self) -> None:
@@ -255,9 +253,8 @@ class TierStore:
     def _copy(self, payload: torch.Tensor, blocks: dict[int, list[int]]) -> None:
         at = 0
         for g, ids in blocks.items():
-            keys = [k for k in self.keys if self.group[k] == g]
             for b in ids:
-                for k in keys:
+                for k in self.keys_of[g]:
                     if b >= 0:
                         page = self.pools.pages[k][b].view(-1).view(torch.uint8)
                         page.copy_(payload[at:at + self.sizes[k]].to(page.device, non_blocking=True))
