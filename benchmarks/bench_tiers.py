@@ -94,8 +94,8 @@ def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
 
 
 def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
-    """Read back what a reload of ids reads (its block records and the resume record after the
-    last one) vs a raw read of the segment files, page cache dropped before each."""
+    """Read back what a reload of ids reads (the records holding its blocks and the resume
+    record after the last one) vs a raw read of the segment files, page cache dropped before each."""
     store = SegmentStore(d, 1 << 62, read_only=True)
     files = sorted(d.glob("seg-*.log"))
     first = next(iter(store.index.values()))
@@ -104,7 +104,8 @@ def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
     keys = [k for k in chain if k in store.index]
     resume = [k for k in (block_hash(h, ()) for h in reversed(keys)) if k in store.index][:1]
     keys += resume
-    nbytes = sum(store.index[k].length for k in keys)
+    records = {(store.index[k].segment, store.index[k].offset): store.index[k].length for k in keys}
+    nbytes = sum(records.values())
     ours, raw = [], []
     for _ in range(repeat):
         drop_cache(files)
@@ -116,7 +117,7 @@ def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
         gc.collect()
         n, t = raw_read(files)
         raw.append(t)
-    return {"bytes": nbytes, "blocks": len(keys), "disk_bytes": sum(f.stat().st_size for f in files),
+    return {"bytes": nbytes, "blocks": len(keys), "records": len(records), "disk_bytes": sum(f.stat().st_size for f in files),
             "reload_s": statistics.median(ours), "raw_s": statistics.median(raw),
             "reload_GBps": nbytes / statistics.median(ours) / 1e9, "raw_GBps": n / statistics.median(raw) / 1e9}
 
@@ -144,6 +145,7 @@ def llamacpp(tmp: Path, context: int, threads: int) -> dict:
     assert llama_cpp.llama_state_load_file(llm.ctx, str(state).encode(), out, context + 16, ctypes.byref(n_out))
     llm.n_tokens = n_out.value
     llm.input_ids[:n_out.value] = ids[:n_out.value]
+    cpp_load = time.perf_counter() - start
     llm.eval(ids[-1:])
     cpp_restore = time.perf_counter() - start
     # tierlm: the same weights and prefix through the disk tier
@@ -152,9 +154,10 @@ def llamacpp(tmp: Path, context: int, threads: int) -> dict:
     ours_reload, stats = reload_ttft(ckpt, d, ids, dtype=torch.float32)
     assert stats["prefix_hit_tokens_by_tier"]["disk"] > 0
     return {"context": context, "llamacpp_state_bytes": state.stat().st_size, "llamacpp_prefill_s": cpp_prefill,
-            "llamacpp_restore_s": cpp_restore, "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
+            "llamacpp_restore_s": cpp_restore, "llamacpp_load_s": cpp_load, "tierlm_load_s": stats["reload_seconds"],
+            "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
             "tierlm_disk_bytes": sum(f.stat().st_size for f in d.glob("seg-*.log")),
-            "ratio": cpp_restore / ours_reload}
+            "ratio": cpp_restore / ours_reload, "load_ratio": cpp_load / stats["reload_seconds"]}
 
 
 def main() -> None:
@@ -164,11 +167,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--models", default="demo,tiny-v4", help="which of demo,tiny-v4 to run")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-tiers-", dir=os.environ.get("BENCH_DIR")))
-    demo_path, _ = demo.build(demo.DemoSettings())
     results = {}
-    for name, path in (("demo", demo_path), ("tiny-v4", bench_engine.make_v4(tmp, max_position=65536))):
+    makers = {"demo": lambda: demo.build(demo.DemoSettings())[0],
+              "tiny-v4": lambda: bench_engine.make_v4(tmp, max_position=65536)}
+    for name in args.models.split(","):
+        path = makers[name]()
         d = tmp / f"kv-{name}"
         ids = prompt(path, args.context)
         recompute = fill(path, d, ids)
@@ -182,8 +188,9 @@ def main() -> None:
                          "disk_hit_tokens": hits["disk"], **bw, "planner_cache_bytes": plan.data["kv_cache"]["total_bytes"],
                          "planner_reload_s": predicted, "planner_vs_measured": predicted / bw["reload_s"]}
         r = results[name]
-        print(f"{name}: {args.context:,}-token prefix, a reload reads {r['bytes'] / 2**20:.2f} MiB in {r['blocks']:,} "
-              f"records ({r['disk_bytes'] / 2**20:.2f} MiB on disk with the intermediate resume records)")
+        print(f"{name}: {args.context:,}-token prefix, a reload reads {r['bytes'] / 2**20:.2f} MiB: {r['blocks']:,} "
+              f"blocks in {r['records']:,} records ({r['disk_bytes'] / 2**20:.2f} MiB on disk with the intermediate "
+              "resume records)")
         print(f"  reload bandwidth {r['reload_GBps']:.2f} GB/s vs raw sequential read {r['raw_GBps']:.2f} GB/s: "
               f"ratio {r['reload_GBps'] / r['raw_GBps']:.2f}")
         print(f"  TTFT recompute {recompute:.2f} s vs reload from disk {reload:.3f} s "
@@ -199,6 +206,8 @@ def main() -> None:
               f"tierlm reload + 1 token {lc['tierlm_reload_s']:.3f} s ({lc['tierlm_disk_bytes'] / 2**20:.1f} MiB): "
               f"tierlm {lc['ratio']:.2f}x faster; prefill llama.cpp {lc['llamacpp_prefill_s']:.1f} s, "
               f"tierlm {lc['tierlm_prefill_s']:.1f} s")
+        print(f"  restore alone: llama.cpp llama_state_load_file {lc['llamacpp_load_s']:.3f} s, tierlm reload "
+              f"(read, verify, copy into the pools) {lc['tierlm_load_s']:.3f} s: tierlm {lc['load_ratio']:.2f}x faster")
     print(json.dumps(results))
 
 

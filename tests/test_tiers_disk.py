@@ -100,7 +100,7 @@ def test_corruption_is_detected_and_dropped(tmp_path, damage):
         fill(s, items)
     s.close()
     seg = next(d.glob("seg-*.log"))
-    rec = segment.HEAD.size + 16 * 8 + 4 + 3000              # one record's length
+    rec = segment.HEAD.size + segment.BLOCK.size + 16 * 8 + 4 + 3000     # one record's length
     if damage.endswith("bit"):
         at = 2 * rec + (segment.HEAD.size + 40 if damage == "header_bit" else rec - 10)
         with open(seg, "r+b") as fh:
@@ -120,11 +120,11 @@ def test_full_disk_stops_writes_without_failing(tmp_path, monkeypatch):
     fill(s, blocks(2))
     real = os.pwrite
 
-    def enospc(fd, data, offset):
-        real(fd, data[:100], offset)                        # a partial write, then the disk is full
+    def enospc(fd, buffers, offset):
+        real(fd, b"".join(buffers)[:100], offset)           # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(segment.os, "pwrite", enospc)
+    monkeypatch.setattr(segment.os, "pwritev", enospc)
     parent, key, tokens, payload = blocks(3)[2]
     assert s.put(FP, key, parent, b"L" * 32, tokens, payload) is False and s.full
     assert s.put(FP, b"k" * 32, key, b"L" * 32, tokens, payload) is False      # not tried again
@@ -148,6 +148,56 @@ def test_eviction_by_budget_and_ttl(tmp_path, monkeypatch):
     s.close()
 
 
+def test_run_records_hold_chained_blocks(tmp_path):
+    """Chained blocks written as one record read back one by one or in any subset; a flipped
+    payload bit drops exactly that record's blocks; a restart indexes every block."""
+    d = tmp_path / "kv"
+    items = blocks(13)
+    run = [(k, parent, t, p) for parent, k, t, p in items[:10]]
+    s = SegmentStore(d, 1 << 30)
+    assert s.put_run(FP, b"L" * 32, run)
+    fill(s, items[10:])
+    assert s.put_run(FP, b"L" * 32, run[:3]) is False           # all held already: nothing written
+    one = segment.HEAD.size + segment.BLOCK.size + 16 * 8 + 4 + 3000
+    first = segment.HEAD.size + 10 * (segment.BLOCK.size + 16 * 8) + 4 + 10 * 3000
+    assert s.nbytes() == first + 3 * one                        # one record for the run, one per single block
+    want = {k: p for _, k, _, p in items}
+    pick = [items[i][1] for i in (11, 3, 2, 9)]
+    assert s.get_many(pick, FP) == [want[k] for k in pick]
+    s.close()
+    seg = next(d.glob("seg-*.log"))
+    with open(seg, "r+b") as fh:                                # a bit of block 5's payload
+        fh.seek(first - 5 * 3000 + 17)
+        b = fh.read(1)
+        fh.seek(first - 5 * 3000 + 17)
+        fh.write(bytes([b[0] ^ 1]))
+    s = SegmentStore(d, 1 << 30)
+    assert len(s.index) == 13
+    got = s.get_many([k for _, k, _, _ in items], FP)
+    assert got[:10] == [None] * 10 and got[10:] == [p for *_, p in items[10:]]
+    assert s.corrupt == 10 and len(s.index) == 3
+    s.close()
+
+
+def test_eviction_is_least_recently_used_across_restarts(tmp_path, monkeypatch):
+    """A segment read recently outlives an older-read one written after it, also after a
+    restart (used.json)."""
+    clock = iter(range(1_000_000, 2_000_000))
+    monkeypatch.setattr(segment, "time", type("Clock", (), {"time": staticmethod(lambda: float(next(clock)))}))
+    monkeypatch.setattr(segment, "SEGMENT_BYTES", 7_000)        # two records per segment
+    items = blocks(8)
+    s = SegmentStore(tmp_path / "kv", 1 << 30)
+    fill(s, items[:6])                                         # segments 1, 2, 3
+    assert sorted(s.segments) == [1, 2, 3]
+    assert s.get_many([items[0][1]], FP)[0] is not None       # segment 1 is now the most recently used
+    s.close()
+    s = SegmentStore(tmp_path / "kv", 3 * 7_000)               # a restart, then one more segment's worth
+    fill(s, items[6:])
+    assert sorted(s.segments) == [1, 3, 4]                     # segment 2, least recently used, went
+    assert s.has(items[0][1]) and not s.has(items[2][1])
+    s.close()
+
+
 WRITER = textwrap.dedent("""
     import sys
     from tierlm.runtime.blocks import block_hash
@@ -156,11 +206,14 @@ WRITER = textwrap.dedent("""
     s = SegmentStore(sys.argv[1], 1 << 40)
     parent, i = fp, 0
     print("ready", flush=True)
-    while True:
-        tokens = [i * 16 + t for t in range(16)]
-        key = block_hash(parent, tokens)
-        s.put(fp, key, parent, b"L" * 32, tokens, (key * 512)[:16384])
-        parent, i = key, i + 1
+    while True:                                 # records of 1 to 4 chained blocks
+        run = []
+        for _ in range(1 + i % 4):
+            tokens = [i * 16 + t for t in range(16)]
+            key = block_hash(parent, tokens)
+            run.append((key, parent, tokens, (key * 512)[:16384]))
+            parent, i = key, i + 1
+        s.put_run(fp, b"L" * 32, run)
 """)
 
 

@@ -98,27 +98,29 @@ def test_corrupt_block_is_dropped_and_recomputed(family, tmp_path):
     llm.close()
     seg = next(d.glob("seg-*.log"))
     store = segment.SegmentStore(d, 1 << 30, read_only=True)
-    second = sorted(store.index.values(), key=lambda e: e.offset)[1]
+    second = sorted(store.index.values(), key=lambda e: (e.offset, e.at))[1]
+    in_record = sum(e.offset == second.offset for e in store.index.values())
     with open(seg, "r+b") as fh:                          # flip one bit in the second block's payload
-        fh.seek(second.offset + second.payload_at + 5)
+        fh.seek(second.offset + second.head + second.at + 5)
         b = fh.read(1)
-        fh.seek(second.offset + second.payload_at + 5)
+        fh.seek(second.offset + second.head + second.at + 5)
         fh.write(bytes([b[0] ^ 1]))
     llm = LLM(path, **RELOAD, cache_dir=d)
     follow = follow_up(want)
     assert run(llm, follow) == want[tuple(follow)]
     stats = llm.stats()
-    assert stats["corrupt_blocks_dropped"] == 1 and stats["prefix_hit_tokens_by_tier"]["disk"] == 0
+    # the record holding it (chained blocks written together) is dropped: each block of it the hit asked for
+    assert 1 <= stats["corrupt_blocks_dropped"] <= in_record and stats["prefix_hit_tokens_by_tier"]["disk"] == 0
     llm.close()
 
 
 def test_full_disk_warns_once_and_serves(family, tmp_path, monkeypatch):
     _, path, want = family
 
-    def enospc(fd, data, offset):
+    def enospc(fd, buffers, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(segment.os, "pwrite", enospc)
+    monkeypatch.setattr(segment.os, "pwritev", enospc)
     llm = LLM(path, **KW, cache_dir=tmp_path / "kv")
     with pytest.warns(RuntimeWarning, match="is full") as caught:
         assert run(llm, LONG) == want[tuple(LONG)]
@@ -127,6 +129,51 @@ def test_full_disk_warns_once_and_serves(family, tmp_path, monkeypatch):
         llm.store.flush()
     assert len([w for w in caught if "is full" in str(w.message)]) == 1
     assert llm.stats()["disk_full"] is True
+    llm.close()
+
+
+def test_write_back_writes_on_eviction_and_close(family, tmp_path):
+    """Write-back: blocks reach the disk only when the host tier evicts them or the engine
+    closes; a new engine then serves the prefix from disk, token-identical."""
+    _, path, want = family
+    d = tmp_path / "kv"
+    llm = LLM(path, **RELOAD, cache_dir=d, tier_write="back")
+    assert run(llm, LONG) == want[tuple(LONG)]
+    llm.store._queue.join()
+    assert llm.store.disk.index == {} and llm.stats()["blocks_stored"] > 0        # all still in RAM only
+    llm.close()
+    llm = LLM(path, **RELOAD, cache_dir=d, tier_write="back", host_cache_bytes=0)   # host evicts at once
+    follow = follow_up(want)
+    assert run(llm, follow) == want[tuple(follow)]
+    assert llm.stats()["prefix_hit_tokens_by_tier"]["disk"] == 6 * llm.block
+    stored = len(llm.store.disk.index)
+    run(llm, OTHER)
+    llm.store._queue.join()
+    assert len(llm.store.disk.index) > stored                  # evicted at once, so written before close
+    llm.close()
+    with pytest.raises(TierlmError, match="tier_write"):
+        LLM(path, **KW, cache_dir=d, tier_write="later")
+
+
+def test_prefetch_reads_a_queued_prompt_ahead(family, tmp_path):
+    """A queued prompt's disk-only blocks are read and verified on the prefetch thread before
+    its turn; its reload then uses them (counted as disk hits), token-identical."""
+    _, path, want = family
+    d = tmp_path / "kv"
+    llm = LLM(path, **KW, cache_dir=d)
+    run(llm, LONG)
+    llm.close()
+    llm = LLM(path, **RELOAD, cache_dir=d)
+    follow = follow_up(want)
+    rid = llm.add_request({"prompt_token_ids": follow}, GREEDY)
+    llm.store._fetch.join()                                    # the read-ahead is done
+    ahead = llm.stats()["blocks_prefetched"]
+    assert ahead >= 6 and len(llm.store._ahead) == ahead
+    outs = [o for o in llm._drive(False, 1) if o.request_id == rid and o.finished]
+    assert outs[0].outputs[0].token_ids == want[tuple(follow)]
+    stats = llm.stats()
+    assert stats["prefix_hit_tokens_by_tier"]["disk"] == 6 * llm.block and stats["reloads"] == 1
+    assert llm.store._ahead == {}                              # taken by the reload, none read twice
     llm.close()
 
 

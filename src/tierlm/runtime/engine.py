@@ -37,7 +37,7 @@ class LLM:
                  reference: str = "official", cache_dir: str | os.PathLike | None = None,
                  kv_tiers: tuple[str, ...] | list[str] | None = None, host_cache_bytes: int | None = None,
                  disk_cache_bytes: int | None = None, tier_policy: str = "auto", experts_on: str = "device",
-                 device_expert_bytes: int | None = None, engram_on: str = "device"):
+                 device_expert_bytes: int | None = None, engram_on: str = "device", tier_write: str = "through"):
         from ..model import load
         if reference not in REFERENCES:
             raise TierlmError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
@@ -93,7 +93,7 @@ class LLM:
         self.store = None
         if cache_dir is not None or host_cache_bytes is not None or kv_tiers:
             self.store = self._tiers(pools, root, cache_dir, kv_tiers, host_cache_bytes, disk_cache_bytes,
-                                     tier_policy, enable_prefix_caching)
+                                     tier_policy, tier_write, enable_prefix_caching)
         self.manager = CacheManager(pools, root, enable_prefix_caching,
                                     keep_last_block=self.speculator is not None, store=self.store)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=reserve)
@@ -104,7 +104,7 @@ class LLM:
         self._requests: dict[str, list[Sequence]] = {}
         self._counter = 0
 
-    def _tiers(self, pools, root, cache_dir, kv_tiers, host_bytes, disk_bytes, policy, prefix_caching):
+    def _tiers(self, pools, root, cache_dir, kv_tiers, host_bytes, disk_bytes, policy, write, prefix_caching):
         """The host / disk tiers under the pools (`tierlm.tiers`)."""
         from ..tiers import TierStore
         if not prefix_caching:
@@ -117,7 +117,7 @@ class LLM:
         if disk_bytes is None and cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             disk_bytes = min(64 << 30, shutil.disk_usage(cache_dir).free // 2)
-        store = TierStore(self.spec, pools, root, tiers, cache_dir, host_bytes, disk_bytes or 0, policy)
+        store = TierStore(self.spec, pools, root, tiers, cache_dir, host_bytes, disk_bytes or 0, policy, write=write)
         ref = weakref.ref(self)                      # blocks still queued reach the disk on exit
         atexit.register(lambda: ref() is not None and ref().close())
         return store
@@ -208,7 +208,9 @@ class LLM:
         return {"prefix_hit_tokens_by_tier": by_tier,
                 "tier_bytes": {"device": self.manager.bytes_in_use(), **self.store.bytes_by_tier()},
                 "reloads": self.store.stats["reloads"], "recomputes": self.store.stats["recomputes"],
-                "blocks_stored": self.store.stats["stored"], "corrupt_blocks_dropped": self.store.corrupt(),
+                "blocks_stored": self.store.stats["stored"], "blocks_prefetched": self.store.stats["prefetched"],
+                "reload_seconds": self.store.stats["reload_seconds"],
+                "corrupt_blocks_dropped": self.store.corrupt(),
                 "disk_full": self.store.stats["disk_full"]}
 
     # ------------------------------------------------------------------ requests
@@ -258,6 +260,7 @@ class LLM:
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[rid] = seqs
+        self.manager.prefetch(ids)             # disk reads overlap the steps before its turn
         return rid
 
     def abort(self, request_id: str) -> None:

@@ -173,6 +173,19 @@ class CacheManager:
         self.hit_tokens += seq.num_computed
         return seq.num_computed
 
+    def prefetch(self, token_ids: list[int]) -> None:
+        """Have the store read ahead the lower-tier part of a queued prompt's prefix (what the
+        device pools do not hold), so that `match` finds it in RAM when the prompt's turn comes."""
+        if self.store is None or not self.prefix_caching:
+            return
+        b = self.block
+        chain = hash_chain(self.root, token_ids[:len(token_ids) - 1], b)
+        on_device = 0
+        if 0 in self.groups:
+            on_device = next((i for i in range(len(chain))
+                              if self.bp[0].lookup(chain[i], token_ids[i * b:(i + 1) * b]) is None), len(chain))
+        self.store.prefetch(chain, on_device)
+
     def _longest(self, blocks: int, have0, window_ok) -> int:
         """Longest prefix of n blocks whose group-0 blocks 0..n-1 are all available (`have0`)
         and after which every window group can resume (`window_ok(n)`)."""
@@ -226,9 +239,10 @@ class CacheManager:
         blocks, resume, need = plan
         b = self.block
         for i in need.get(0, []):
-            blk = seq.tables[0][i] = self.bp[0].allocate()
-            self.store.restore(blocks[i][1], blk)
-            self.bp[0].name(blk, chain[i], seq.token_ids[i * b:(i + 1) * b])
+            seq.tables[0][i] = self.bp[0].allocate()
+        self.store.restore([blocks[i][1] for i in need.get(0, [])], [seq.tables[0][i] for i in need.get(0, [])])
+        for i in need.get(0, []):
+            self.bp[0].name(seq.tables[0][i], chain[i], seq.token_ids[i * b:(i + 1) * b])
         if resume is None:
             return
         spans = {}

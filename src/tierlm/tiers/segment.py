@@ -5,31 +5,33 @@ Directory layout (private to the user: 0700 directory, 0600 files):
   layout-<id>.json      what a payload holds: the model, one entry per (layer, stream) with its
                         dtype, shape, offset and size; <id> is the sha256 of the file's content
   usage.json            counters accumulated by the engines that used the directory
+  used.json             when each segment was last written or read, saved at close (LRU eviction)
   seg-<n>.log           records, appended; a new segment starts past `SEGMENT_BYTES`. Block
                         records and resume records go to different open segments, so the
                         blocks of a prefix lie one after another
 
-A record (all integers little-endian):
+A record holds a run of chained blocks of one prefix (all integers little-endian):
   magic      8 B   b"TLMKVREC"
   version    u16   FORMAT_VERSION
-  n_tokens   u16
-  payload    u64   payload bytes
+  n_blocks   u16
+  payload    u64   payload bytes (all blocks)
   fingerprint 32 B root of the engine's prefix-hash chain (model, layout, dtypes)
-  hash       32 B  this block's prefix hash = sha256(parent || tokens as int64)
-  parent     32 B  the previous block's hash (the fingerprint for block 0)
-  layout     32 B  id of the layout file describing the payload
+  layout     32 B  id of the layout file describing a block's payload
   created    f64   unix time
   crc        u32   crc32 of the payload
-  tokens     n_tokens x i64
+  n_blocks x (hash 32 B = sha256(parent || tokens as int64), parent 32 B, n_tokens u16, nbytes u64)
+  tokens     every block's n_tokens x i64, in block order
   hcrc       u32   crc32 of everything above
-  payload
+  payload    the blocks' payloads, in block order
 
 Durability: a record counts only when it is whole and both checksums match, so a process
 killed mid-append leaves a tail that the next start truncates; appends are fsynced before
-the block is reported as stored. A record is indexed only if sha256(parent || tokens) is its
+the blocks are reported as stored. A block is indexed only if sha256(parent || tokens) is its
 key; every read re-checks, from the bytes just read, the header checksum, the key, the
-fingerprint and the payload checksum. A corrupted record is dropped and
-counted; the block is then simply recomputed. Imports no torch (`tierlm cache` uses it).
+fingerprint and the payload checksum. A corrupted record is dropped and counted; its blocks
+are then simply recomputed. Many blocks per record keep the per-record work (two checksums,
+a few comparisons) small against the bytes read, so a reload runs near the disk's speed
+even for small blocks. Imports no torch (`tierlm cache` uses it).
 """
 
 from __future__ import annotations
@@ -51,19 +53,26 @@ from ..errors import TierlmError
 from ..runtime.blocks import block_hash
 
 MAGIC = b"TLMKVREC"
-FORMAT_VERSION = 1
-HEAD = struct.Struct("<8sHHQ32s32s32s32sdI")          # fixed part of a record header
-FP_AT, KEY_AT = 20, 52                                 # offsets of the fingerprint and the key in it
+FORMAT_VERSION = 2
+HEAD = struct.Struct("<8sHHQ32s32sdI")       # fixed part of a record header
+BLOCK = struct.Struct("<32s32sHQ")            # one block's entry in the header: hash, parent, n_tokens, nbytes
+FP_AT = 20                                     # offset of the fingerprint in the header
 SEGMENT_BYTES = 64 << 20
+RUN_BYTES = 8 << 20                            # a record's payload stays under this (unless one block is larger)
 DEFAULT_TTL_S = 6 * 3600
 
 
 @dataclass
 class Entry:
+    """Where one block lies: in the record at `offset` (`length` bytes, header `head` bytes,
+    payload crc `crc`), entry `slot` of its header, payload bytes [at, at + size) of the record's."""
     segment: int
-    offset: int           # of the record
-    length: int           # whole record
-    payload_at: int       # offset of the payload within the record
+    offset: int
+    length: int
+    head: int
+    slot: int
+    at: int
+    size: int
     fingerprint: bytes
     parent: bytes
     layout: bytes
@@ -76,35 +85,49 @@ class DirectoryInUse(TierlmError):
     pass
 
 
-def encode_record(fingerprint: bytes, key: bytes, parent: bytes, layout: bytes, tokens, payload,
-                  created: float | None = None) -> tuple[bytes, bytes]:
-    """(header bytes, payload) of one record."""
-    head = HEAD.pack(MAGIC, FORMAT_VERSION, len(tokens), len(payload), fingerprint, key, parent, layout,
-                     time.time() if created is None else created, zlib.crc32(payload))
+def encode_record(fingerprint: bytes, layout: bytes, blocks, created: float | None = None) -> tuple[bytes, list]:
+    """(header bytes, payloads) of one record; `blocks` are (key, parent, tokens, payload)."""
+    payloads = [p for *_, p in blocks]
+    crc = 0
+    for p in payloads:
+        crc = zlib.crc32(p, crc)
+    head = HEAD.pack(MAGIC, FORMAT_VERSION, len(blocks), sum(len(p) for p in payloads), fingerprint, layout,
+                     time.time() if created is None else created, crc)
+    head += b"".join(BLOCK.pack(k, parent, len(t), len(p)) for k, parent, t, p in blocks)
+    tokens = [t for _, _, ts, _ in blocks for t in ts]
     head += struct.pack(f"<{len(tokens)}q", *tokens)
-    return head + struct.pack("<I", zlib.crc32(head)), payload
+    return head + struct.pack("<I", zlib.crc32(head)), payloads
 
 
-def parse_header(buf: bytes, at: int) -> tuple[dict, int] | None:
-    """The header fields of the record at buf[at:] and its header length; None if not whole/valid."""
+def parse_header(buf, at: int) -> tuple[dict, list[tuple], int] | None:
+    """(fields, blocks as (key, parent, tokens, nbytes), header length) of the record at
+    buf[at:]; None if the header is not whole or not valid."""
     if len(buf) - at < HEAD.size:
         return None
-    magic, version, n, plen, fp, key, parent, layout, created, crc = HEAD.unpack_from(buf, at)
+    magic, version, n, plen, fp, layout, created, crc = HEAD.unpack_from(buf, at)
     if magic != MAGIC or version != FORMAT_VERSION:
         return None
-    end = at + HEAD.size + 8 * n
+    entries = [BLOCK.unpack_from(buf, at + HEAD.size + i * BLOCK.size) for i in range(n)
+               if at + HEAD.size + (i + 1) * BLOCK.size <= len(buf)]
+    if len(entries) < n:
+        return None
+    tok_at = at + HEAD.size + n * BLOCK.size
+    end = tok_at + 8 * sum(e[2] for e in entries)
     if len(buf) < end + 4:
         return None
     (hcrc,) = struct.unpack_from("<I", buf, end)
     if zlib.crc32(buf[at:end]) != hcrc:
         return None
-    tokens = struct.unpack_from(f"<{n}q", buf, at + HEAD.size)
-    return ({"payload": plen, "fingerprint": fp, "hash": key, "parent": parent, "layout": layout,
-             "created": created, "crc": crc, "tokens": tokens}, end + 4 - at)
+    blocks = []
+    for key, parent, nt, nbytes in entries:
+        blocks.append((key, parent, struct.unpack_from(f"<{nt}q", buf, tok_at), nbytes))
+        tok_at += 8 * nt
+    return {"payload": plen, "fingerprint": fp, "layout": layout, "created": created, "crc": crc}, blocks, end + 4 - at
 
 
 class SegmentStore:
-    """Blocks on disk under a byte budget and a retention TTL, oldest segments evicted first."""
+    """Blocks on disk under a byte budget and a retention TTL; the least recently used
+    segments (written or read) are evicted first."""
 
     def __init__(self, path: str | os.PathLike, budget_bytes: int, ttl_s: float = DEFAULT_TTL_S,
                  read_only: bool = False):
@@ -113,6 +136,7 @@ class SegmentStore:
         self.index: dict[bytes, Entry] = {}
         self.segments: dict[int, int] = {}        # segment number -> bytes
         self.open: dict[str, int] = {}            # stream -> the segment it appends to (this run)
+        self.used: dict[int, float] = {}          # segment number -> last write or read (unix time)
         self.corrupt = 0
         self.full = False                          # a write hit ENOSPC: no more writes this run
         # the engine reads while its background writer appends and evicts: one lock for the index
@@ -150,7 +174,15 @@ class SegmentStore:
         self._lock = fd
 
     def close(self) -> None:
+        """Record when each segment was last used (for LRU eviction across runs) and release
+        the directory."""
         if self._lock is not None:
+            try:
+                with self._mu:
+                    used = json.dumps({str(n): t for n, t in self.used.items()}).encode()
+                self._atomic_write(self.path / "used.json", used)
+            except OSError:
+                pass
             os.close(self._lock)
             self._lock = None
 
@@ -171,15 +203,11 @@ class SegmentStore:
                 parsed = parse_header(buf, at)
                 if parsed is None:
                     break
-                head, hlen = parsed
+                head, blocks, hlen = parsed
                 length = hlen + head["payload"]
-                if at + length > len(buf):
+                if at + length > len(buf) or sum(b[3] for b in blocks) != head["payload"]:
                     break
-                if block_hash(head["parent"], head["tokens"]) != head["hash"]:
-                    self.corrupt += 1                   # whole, but its tokens do not make its key
-                else:
-                    self.index[head["hash"]] = Entry(n, at, length, hlen, head["fingerprint"], head["parent"],
-                                                     head["layout"], head["tokens"], head["created"], head["crc"])
+                self._index_record(n, at, length, hlen, head, blocks)
                 at += length
             if at < len(buf):                      # a torn or corrupted tail
                 self.corrupt += 1
@@ -188,6 +216,22 @@ class SegmentStore:
                         fh.truncate(at)
                         os.fsync(fh.fileno())
             self.segments[n] = at
+        stamps = {e.segment: e.created for e in sorted(self.index.values(), key=lambda e: e.created)}
+        try:                                       # last reads of earlier runs
+            seen = {int(k): float(v) for k, v in json.loads((self.path / "used.json").read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            seen = {}
+        self.used = {n: max(stamps.get(n, 0.0), seen.get(n, 0.0)) for n in self.segments}
+
+    def _index_record(self, n: int, at: int, length: int, hlen: int, head: dict, blocks) -> None:
+        off = 0
+        for slot, (key, parent, tokens, nbytes) in enumerate(blocks):
+            if block_hash(parent, tokens) != key:
+                self.corrupt += 1                       # whole, but its tokens do not make its key
+            else:
+                self.index[key] = Entry(n, at, length, hlen, slot, off, nbytes, head["fingerprint"], parent,
+                                        head["layout"], tuple(tokens), head["created"], head["crc"])
+            off += nbytes
 
     def has(self, key: bytes) -> bool:
         return key in self.index
@@ -228,15 +272,22 @@ class SegmentStore:
     # ------------------------------------------------------------------ writes
     def put(self, fingerprint: bytes, key: bytes, parent: bytes, layout: bytes, tokens, payload,
             stream: str = "blocks") -> bool:
-        """Append one record to the open segment of `stream` (records of one stream stay
-        adjacent, so a prefix reads back in one pread); False when the disk is full (then no
-        further writes are tried)."""
+        """Append one block as its own record (see `put_run`)."""
+        return self.put_run(fingerprint, layout, [(key, parent, tokens, payload)], stream)
+
+    def put_run(self, fingerprint: bytes, layout: bytes, blocks, stream: str = "blocks") -> bool:
+        """Append blocks (key, parent, tokens, payload) as one record to the open segment of
+        `stream` (records of one stream stay adjacent, so a prefix reads back in one mapping);
+        blocks already held are left out. False when nothing was written because the disk is
+        full (then no further writes are tried)."""
         with self._mu:
-            if self.read_only or self.full or key in self.index:
+            blocks = [b for b in blocks if b[0] not in self.index]
+            if self.read_only or self.full or not blocks:
                 return False
-            head, payload = encode_record(fingerprint, key, parent, layout, tokens, payload)
+            head, payloads = encode_record(fingerprint, layout, blocks)
+            size = len(head) + sum(len(p) for p in payloads)
             n = self.open.get(stream)
-            if n is None or self.segments.get(n, SEGMENT_BYTES) + len(head) + len(payload) > SEGMENT_BYTES:
+            if n is None or self.segments.get(n, SEGMENT_BYTES) + size > SEGMENT_BYTES:
                 n = self.open[stream] = max(self.segments, default=0) + 1
                 self.segments[n] = 0
             f = self._segment_path(n)
@@ -244,7 +295,7 @@ class SegmentStore:
             try:
                 fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o600)
                 try:
-                    os.pwrite(fd, head + bytes(payload), at)
+                    os.pwritev(fd, [head, *payloads], at)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -258,21 +309,23 @@ class SegmentStore:
                     self.full = True
                     return False
                 raise
-            self.segments[n] = at + len(head) + len(payload)
-            self.index[key] = Entry(n, at, len(head) + len(payload), len(head), fingerprint, parent, layout,
-                                    tuple(tokens), time.time(), zlib.crc32(payload))
+            self.segments[n] = at + size
+            self.used[n] = time.time()
+            *_, created, crc = HEAD.unpack_from(head)
+            fields = {"fingerprint": fingerprint, "layout": layout, "created": created, "crc": crc}
+            self._index_record(n, at, size, len(head), fields, [(k, p, tuple(t), len(b)) for k, p, t, b in blocks])
             if self.nbytes() > self.budget:
                 self.evict()
             return True
 
     def evict(self) -> None:
-        """Drop whole segments, oldest first, while over budget or older than the TTL (the
-        segment being written is kept unless it alone is over budget)."""
+        """Drop whole segments, least recently used first, while over budget or unused for
+        longer than the TTL (the segment being written is kept unless it alone is over budget;
+        a segment with no valid block counts as never used)."""
         with self._mu:
             now = time.time()
-            for n in sorted(self.segments):
-                created = [e.created for e in self.index.values() if e.segment == n]
-                expired = bool(created) and now - max(created) > self.ttl
+            for n in sorted(self.segments, key=lambda n: self.used.get(n, 0.0)):
+                expired = now - self.used.get(n, 0.0) > self.ttl
                 if not (self.nbytes() > self.budget or expired) or (n in self.open.values() and not expired
                                                                      and self.segments[n] <= self.budget):
                     continue
@@ -282,6 +335,7 @@ class SegmentStore:
         for k in [k for k, e in self.index.items() if e.segment == n]:
             del self.index[k]
         self.segments.pop(n, None)
+        self.used.pop(n, None)
         self.open = {k: v for k, v in self.open.items() if v != n}
         try:
             self._segment_path(n).unlink()
@@ -311,35 +365,46 @@ class SegmentStore:
         with self._mu:
             for n in list(self.segments):
                 self._drop_segment(n)
-            for f in [*self.path.glob("layout-*.json"), self.path / "usage.json"]:
+            for f in [*self.path.glob("layout-*.json"), self.path / "usage.json", self.path / "used.json"]:
                 f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
     def get_many(self, keys: list[bytes], fingerprint: bytes) -> list[memoryview | None]:
         """Payloads of keys (None where missing or corrupt): one mapping per run of adjacent
-        records, each record verified from the bytes read (`_intact`)."""
+        records, each record verified once from the bytes read (`_intact`)."""
         with self._mu:
-            out: list[bytes | None] = [None] * len(keys)
-            entries = [(i, self.index.get(k)) for i, k in enumerate(keys)]
-            runs: list[list[tuple[int, Entry]]] = []
-            for i, e in entries:
-                if e is None:
-                    continue
-                last = runs[-1][-1][1] if runs else None
+            out: list[memoryview | None] = [None] * len(keys)
+            wanted: dict[tuple[int, int], list[tuple[int, Entry]]] = {}     # record -> (i, block)
+            for i, k in enumerate(keys):
+                e = self.index.get(k)
+                if e is not None:
+                    wanted.setdefault((e.segment, e.offset), []).append((i, e))
+            runs: list[list[list[tuple[int, Entry]]]] = []
+            last = None
+            for rec in sorted(wanted):
+                e = wanted[rec][0][1]
                 if last is not None and last.segment == e.segment and last.offset + last.length == e.offset:
-                    runs[-1].append((i, e))
+                    runs[-1].append(wanted[rec])
                 else:
-                    runs.append([(i, e)])
+                    runs.append([wanted[rec]])
+                last = e
+            now = time.time()
             for run in runs:
-                first, end = run[0][1], run[-1][1].offset + run[-1][1].length
-                view = self._map(first.segment, first.offset, end)
-                for i, e in run:
-                    at = e.offset - first.offset
-                    if not self._intact(view, at, e, keys[i], fingerprint):
-                        self.corrupt += 1
-                        self.index.pop(keys[i], None)
-                        continue
-                    out[i] = view[at + e.payload_at:at + e.length]      # no copy
+                first = run[0][0][1]
+                self.used[first.segment] = now
+                view = self._map(first.segment, first.offset, run[-1][0][1].offset + run[-1][0][1].length)
+                for blocks in run:
+                    e0 = blocks[0][1]
+                    at = e0.offset - first.offset
+                    ok = self._intact(view, at, e0, fingerprint)
+                    names, body = at + HEAD.size, at + e0.head       # the header's keys; the payload
+                    for i, e in blocks:
+                        k = names + e.slot * BLOCK.size
+                        if ok and view[k:k + 32] == keys[i]:
+                            out[i] = view[body + e.at:body + e.at + e.size]      # no copy
+                        else:
+                            self.corrupt += 1
+                            self.index.pop(keys[i], None)
             return out
 
     def _map(self, segment: int, start: int, end: int) -> memoryview:
@@ -363,22 +428,22 @@ class SegmentStore:
         return memoryview(mm)[start:end]
 
     @staticmethod
-    def _intact(view: memoryview, at: int, e: Entry, key: bytes, fingerprint: bytes) -> bool:
-        """The record as read now: whole, header checksum, key and fingerprint as expected,
-        payload checksum (the header's tokens were checked against the key when indexed)."""
+    def _intact(view: memoryview, at: int, e: Entry, fingerprint: bytes) -> bool:
+        """The record at view[at:] as read now: whole, header checksum, fingerprint as
+        expected, payload checksum (the header's tokens were checked against the keys when
+        indexed, and the header checksum covers both)."""
         if at + e.length > len(view):
             return False
-        head_end = at + e.payload_at - 4
+        head_end = at + e.head - 4
         (hcrc,) = struct.unpack_from("<I", view, head_end)
-        return (zlib.crc32(view[at:head_end]) == hcrc and view[at + KEY_AT:at + KEY_AT + 32] == key
-                and view[at + FP_AT:at + FP_AT + 32] == fingerprint
-                and zlib.crc32(view[at + e.payload_at:at + e.length]) == e.crc)
+        return (zlib.crc32(view[at:head_end]) == hcrc and view[at + FP_AT:at + FP_AT + 32] == fingerprint
+                and zlib.crc32(view[at + e.head:at + e.length]) == e.crc)
 
     def verify(self) -> tuple[int, int]:
-        """(good, bad) records, every payload checksum and hash re-checked against the file."""
+        """(good, bad) blocks, every record's checksums and every key re-checked against the file."""
         with self._mu:
-            good = bad = 0
-            for key, e in list(self.index.items()):
-                ok = self.get_many([key], e.fingerprint)[0] is not None
-                good, bad = good + ok, bad + (not ok)
-            return good, bad
+            by_fp: dict[bytes, list[bytes]] = {}
+            for key, e in self.index.items():
+                by_fp.setdefault(e.fingerprint, []).append(key)
+            good = sum(p is not None for fp, keys in by_fp.items() for p in self.get_many(keys, fp))
+            return good, sum(map(len, by_fp.values())) - good

@@ -3,10 +3,13 @@ block = every cache stream of one prefix block (all layers, all groups: latent, 
 window, compressed entries, compressor state), keyed by the engine's prefix hash.
 
 `save` snapshots a block the moment the engine names it (while every group still holds it:
-window blocks are freed right after) into one contiguous uint8 payload, puts it in the host
-tier and queues it for a background writer (write-through), so decode never waits on the
-disk. `load` returns payloads from the host tier or the disk (verified, then promoted to
-host); `restore` copies one group's part of a payload into freshly allocated pages.
+window blocks are freed right after) into one contiguous uint8 payload and puts it in the host
+tier. A background writer appends it to the disk at once (write-through) or when the host
+tier evicts it or the engine closes (write-back), chained blocks coalesced into one record,
+so decode never waits on the disk. `prefetch` reads a queued request's disk-only blocks on
+another thread while the engine computes; `load` returns payloads from the host tier, the
+prefetched ones or the disk (verified, then promoted to host); `restore` copies one group's
+part of a payload into freshly allocated pages.
 
 Policy: a hit found only below the device is reloaded when the planner's cost model says
 reloading beats recomputing: reload = the tier's latency + bytes / its read bandwidth, recompute =
@@ -28,18 +31,19 @@ import torch
 
 from ..errors import TierlmError
 from ..runtime.blocks import block_hash
-from .segment import SegmentStore
+from .segment import RUN_BYTES, SegmentStore
 
 TIERS = ("host", "disk")
 DISK_READ_GUESS = 2e9      # bytes/s a disk reload is assumed to read at until one is measured
 POLICIES = ("auto", "reload", "recompute")
+WRITES = ("through", "back")
 
 
 class HostTier:
     """Payloads in RAM under a byte budget, least recently used evicted first."""
 
-    def __init__(self, budget: int, pin: bool = False):
-        self.budget, self.pin = budget, pin
+    def __init__(self, budget: int, pin: bool = False, evicted=None):
+        self.budget, self.pin, self.evicted = budget, pin, evicted     # evicted(key, payload): write-back
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.bytes = 0
 
@@ -57,8 +61,10 @@ class HostTier:
         self.blocks[key] = payload
         self.bytes += payload.numel()
         while self.bytes > self.budget:
-            _, old = self.blocks.popitem(last=False)
+            k, old = self.blocks.popitem(last=False)
             self.bytes -= old.numel()
+            if self.evicted is not None:
+                self.evicted(k, old)
 
 
 class Rate:
@@ -79,15 +85,21 @@ class TierStore:
     # besides the last block of every sequence, every RESUME_EVERY-th block stores what window
     # streams need to resume after it: a hit resumes at the longest such point
     RESUME_EVERY = 16
+    # a disk record holds up to this many chained blocks: one pair of checksums per run of a
+    # prefix instead of per block, yet a short hit does not verify a long record
+    RUN_BLOCKS = 32
 
     def __init__(self, spec, pools, fingerprint: bytes, tiers=TIERS, cache_dir=None, host_bytes: int = 1 << 30,
-                 disk_bytes: int = 64 << 30, policy: str = "auto", ttl_s: float | None = None):
+                 disk_bytes: int = 64 << 30, policy: str = "auto", ttl_s: float | None = None,
+                 write: str = "through"):
         tiers = tuple(tiers)
         bad = [t for t in tiers if t not in TIERS]
         if bad:
             raise TierlmError(f"kv_tiers may name {', '.join(TIERS)}, got {bad[0]!r}")
         if policy not in POLICIES:
             raise TierlmError(f"tier_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if write not in WRITES:
+            raise TierlmError(f"tier_write must be one of {', '.join(WRITES)}, got {write!r}")
         if "disk" in tiers and cache_dir is None:
             raise TierlmError("the disk tier needs a cache_dir")
         for name, v in (("host_cache_bytes", host_bytes), ("disk_cache_bytes", disk_bytes)):
@@ -108,7 +120,11 @@ class TierStore:
             {"layer": k[0], "stream": k[1], "group": self.group[k], "dtype": str(pools.pages[k].dtype),
              "shape": list(pools.pages[k].shape[1:]), "nbytes": self.sizes[k]} for k in self.keys]}
         device = next(iter(pools.pages.values())).device
-        self.host = HostTier(host_bytes, pin=device.type == "cuda") if "host" in tiers else None
+        # write-back: blocks wait in the host tier (self._dirty) until it evicts them or close()
+        self.write_back = write == "back" and "host" in tiers and "disk" in tiers
+        self._dirty: dict[bytes, tuple[bytes, tuple, str]] = {}     # key -> (parent, tokens, stream)
+        self.host = (HostTier(host_bytes, pin=device.type == "cuda", evicted=self._evicted if self.write_back else None)
+                     if "host" in tiers else None)
         self.disk = None
         if "disk" in tiers:
             kw = {} if ttl_s is None else {"ttl_s": ttl_s}
@@ -119,14 +135,22 @@ class TierStore:
                 self.disk.full = True
                 warnings.warn(f"cannot write to cache directory {cache_dir} ({e.strerror or e}): the disk tier "
                               "only serves what it already holds", RuntimeWarning, stacklevel=2)
-        self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "disk_full": False}
+        self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "prefetched": 0, "disk_full": False,
+                      "reload_seconds": 0.0}
         self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(DISK_READ_GUESS)}
         self.flops = Rate(_matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
-        self._writer = None
+        self._writer = self._reader = None
+        self._ahead: OrderedDict[bytes, torch.Tensor] = OrderedDict()   # prefetched payloads, verified
+        self._ahead_mu = threading.Lock()
+        self._ahead_budget, self._ahead_bytes = host_bytes, 0
+        self._fetch: queue.Queue = queue.Queue()
         if self.disk is not None:
             self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
             self._writer.start()
+            if policy != "recompute":
+                self._reader = threading.Thread(target=self._fetch_loop, name="tierlm-disk-prefetch", daemon=True)
+                self._reader.start()
 
     # ------------------------------------------------------------------ save
     def where(self, key: bytes) -> str | None:
@@ -141,11 +165,20 @@ class TierStore:
 
     def _put(self, parent: bytes, key: bytes, tokens, parts: list[torch.Tensor], stream: str) -> None:
         payload = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.uint8)
+        if self.write_back and payload.numel() <= self.host.budget:
+            self._dirty[key] = (parent, tuple(tokens), stream)
+        elif self.disk is not None and not self.disk.full:
+            self._queue.put((parent, key, tuple(tokens), payload, stream))
         if self.host is not None:
             self.host.put(key, payload)
-        if self.disk is not None and not self.disk.full:
-            self._queue.put((parent, key, tuple(tokens), payload, stream))
         self.stats["stored"] += 1
+
+    def _evicted(self, key: bytes, payload: torch.Tensor) -> None:
+        """Write-back: a block leaving the host tier goes to the disk writer."""
+        meta = self._dirty.pop(key, None)
+        if meta is not None and not self.disk.full:
+            parent, tokens, stream = meta
+            self._queue.put((parent, key, tokens, payload, stream))
 
     def save(self, parent: bytes, key: bytes, tokens, block0: int | None) -> None:
         """Snapshot the per-token pages of block `key` (physical block `block0` of group 0)."""
@@ -170,38 +203,70 @@ class TierStore:
         self._put(key, rkey, (), parts, "resume")
 
     def _write_loop(self) -> None:
+        """Append queued blocks: whatever is queued is taken at once, and chained blocks (each
+        one's parent the previous one's key) go into one record of up to RUN_BLOCKS."""
         while True:
-            item = self._queue.get()
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if item is None:
-                    return
-                parent, key, tokens, payload, stream = item
-                if not self.disk.put(self.fingerprint, key, parent, self.layout_id, tokens, payload.numpy().data,
-                                     stream):
-                    if self.disk.full and not self.stats["disk_full"]:
-                        self.stats["disk_full"] = True
-                        warnings.warn(f"cache directory {self.disk.path} is full: new blocks are no longer "
-                                      "written to disk (they are recomputed when needed)", RuntimeWarning,
-                                      stacklevel=1)
-            except Exception as e:                  # the writer must outlive any one bad write
-                if not self.stats.get("disk_error"):
-                    self.stats["disk_error"] = str(e)
-                    warnings.warn(f"disk tier write failed ({e}); continuing without it", RuntimeWarning,
-                                  stacklevel=1)
+                for stream, blocks in self._runs([i for i in items if i is not None]):
+                    self._write(stream, blocks)
             finally:
-                self._queue.task_done()
+                for _ in items:
+                    self._queue.task_done()
+            if None in items:
+                return
+
+    def _runs(self, items) -> list[tuple[str, list]]:
+        runs, tails = [], {}
+        for parent, key, tokens, payload, stream in items:
+            run = tails.pop(parent, None) if stream == "blocks" else None
+            if run is None or len(run[1]) >= self.RUN_BLOCKS or run[2] + payload.numel() > RUN_BYTES:
+                run = [stream, [], 0]
+                runs.append(run)
+            run[1].append((key, parent, tokens, payload.numpy().data))
+            run[2] += payload.numel()
+            if stream == "blocks":
+                tails[key] = run
+        return [(stream, blocks) for stream, blocks, _ in runs]
+
+    def _write(self, stream: str, blocks: list) -> None:
+        try:
+            if not self.disk.put_run(self.fingerprint, self.layout_id, blocks, stream):
+                if self.disk.full and not self.stats["disk_full"]:
+                    self.stats["disk_full"] = True
+                    warnings.warn(f"cache directory {self.disk.path} is full: new blocks are no longer "
+                                  "written to disk (they are recomputed when needed)", RuntimeWarning, stacklevel=1)
+        except Exception as e:                      # the writer must outlive any one bad write
+            if not self.stats.get("disk_error"):
+                self.stats["disk_error"] = str(e)
+                warnings.warn(f"disk tier write failed ({e}); continuing without it", RuntimeWarning, stacklevel=1)
 
     def flush(self) -> None:
-        """Wait until every queued block is on disk."""
-        if self._writer is not None:
-            self._queue.join()
+        """Wait until every stored block is on disk (write-back: the host tier's too)."""
+        if self._writer is None:
+            return
+        if self.write_back:
+            for key in [k for k in self._dirty if k in self.host.blocks]:
+                self._evicted(key, self.host.blocks[key])
+            self._dirty.clear()
+        self._queue.join()
 
     def close(self, hit_tokens: dict[str, int] | None = None) -> None:
-        """Finish queued writes, add this run's counters to the directory's usage.json, release it."""
+        """Finish writes, add this run's counters to the directory's usage.json, release it."""
         if self._writer is not None:
+            self.flush()
             self._queue.put(None)
             self._writer.join()
             self._writer = None
+        if self._reader is not None:
+            self._fetch.put(None)
+            self._reader.join()
+            self._reader = None
         if self.disk is not None and self.disk._lock is not None:
             try:
                 self.disk.add_usage({"stored": self.stats["stored"], "reloads": self.stats["reloads"],
@@ -210,20 +275,78 @@ class TierStore:
                 pass
             self.disk.close()
 
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, chain: list[bytes], start: int = 0) -> None:
+        """Read ahead, on the prefetch thread, the disk-only blocks of a queued request's prefix
+        chain after its first `start` blocks (held on the device) and the resume record of its
+        longest stored part, so that its reload (when it is scheduled, while other requests
+        compute meanwhile) finds them verified in RAM."""
+        if self._reader is None:
+            return
+        keys = []
+        for k in chain[start:]:
+            if self.where(k) is None:
+                break
+            if self.where(k) == "disk":
+                keys.append(k)
+        resume = next((r for r in map(self.resume_key, reversed(chain)) if self.where(r) == "disk"), None)
+        if self.windows and resume is not None:
+            keys.append(resume)
+        if keys:
+            self._fetch.put(keys)
+
+    def _fetch_loop(self) -> None:
+        while True:
+            keys = self._fetch.get()
+            try:
+                if keys is None:
+                    return
+                self._read_ahead(keys)
+            except Exception:                       # a failed read-ahead only means a later synchronous read
+                pass
+            finally:
+                self._fetch.task_done()
+
+    def _read_ahead(self, keys: list[bytes]) -> None:
+        start = time.perf_counter()
+        got = self.disk.get_many(keys, self.fingerprint)
+        total = 0
+        with self._ahead_mu:
+            for k, body in zip(keys, got):
+                if body is None or k in self._ahead:
+                    continue
+                self._ahead[k] = torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(
+                    0, dtype=torch.uint8)
+                total += len(body)
+                self.stats["prefetched"] += 1
+            self._ahead_bytes += total
+            while self._ahead_bytes > self._ahead_budget:
+                self._ahead_bytes -= self._ahead.popitem(last=False)[1].numel()
+        self.bandwidth["disk"].add(total, time.perf_counter() - start)
+
     # ------------------------------------------------------------------ load
     def load(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, tuple[str, torch.Tensor]]:
         """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
         the expected size."""
+        start = time.perf_counter()
         out = {}
         missing = []
         for k, n in zip(keys, sizes):
             t = self.host.get(k) if self.host is not None else None
             if t is not None and t.numel() == n:
                 out[k] = ("host", t)
+                continue
+            with self._ahead_mu:
+                t = self._ahead.pop(k, None)
+                self._ahead_bytes -= t.numel() if t is not None else 0
+            if t is not None and t.numel() == n:
+                out[k] = ("disk", t)                # read from disk ahead of time
+                if self.host is not None:
+                    self.host.put(k, t)
             else:
                 missing.append((k, n))
         if missing and self.disk is not None:
-            self.flush()                            # a block may still be in the write queue
+            self._queue.join()                      # a block may still be in the write queue
             start = time.perf_counter()
             got = self.disk.get_many([k for k, _ in missing], self.fingerprint)
             total = 0
@@ -235,30 +358,44 @@ class TierStore:
                     if self.host is not None:
                         self.host.put(k, t)
             self.bandwidth["disk"].add(total, time.perf_counter() - start)
+        self.stats["reload_seconds"] += time.perf_counter() - start
         return out
 
-    def restore(self, payload: torch.Tensor, block: int) -> None:
-        """Copy a block record's pages into physical block `block` of group 0."""
-        self._copy(payload, {0: [block]})
+    def restore(self, payloads: list[torch.Tensor], blocks: list[int]) -> None:
+        """Copy block payloads into physical blocks `blocks` of group 0 (one copy per stream)."""
+        start = time.perf_counter()
+        if blocks:
+            self._scatter(torch.stack(payloads), blocks, self.keys_of[0])
+        self.stats["reload_seconds"] += time.perf_counter() - start
 
     def restore_resume(self, payload: torch.Tensor, spans: dict[int, list[int]]) -> None:
         """Copy a resume record into each window group's blocks `spans[g]` (the whole span,
         oldest first; -1 for a block the device already holds)."""
-        self._copy(payload, {g: spans[g] for g in self.windows})
+        start, at = time.perf_counter(), 0
+        for g in self.windows:
+            n, size = len(spans[g]), self.per_group[g]
+            self._scatter(payload[at:at + n * size].view(n, size), spans[g], self.keys_of[g])
+            at += n * size
+        self.stats["reload_seconds"] += time.perf_counter() - start
 
     def resume_bytes(self, spans: dict[int, int]) -> int:
         """Size of a resume record whose groups' spans have these numbers of blocks."""
         return sum(spans[g] * self.per_group[g] for g in self.windows)
 
-    def _copy(self, payload: torch.Tensor, blocks: dict[int, list[int]]) -> None:
+    def _scatter(self, rows: torch.Tensor, blocks: list[int], keys) -> None:
+        """rows[i] (uint8) holds physical block blocks[i]'s pages of `keys`, back to back; a
+        block -1 is skipped. One indexed copy per stream, not per block."""
+        keep = [i for i, b in enumerate(blocks) if b >= 0]
+        if not keep:
+            return
+        device = self.pools.pages[keys[0]].device
+        rows = (rows if len(keep) == len(blocks) else rows[keep]).to(device, non_blocking=True)
+        idx = torch.tensor([blocks[i] for i in keep], device=device)
         at = 0
-        for g, ids in blocks.items():
-            for b in ids:
-                for k in self.keys_of[g]:
-                    if b >= 0:
-                        page = self.pools.pages[k][b].view(-1).view(torch.uint8)
-                        page.copy_(payload[at:at + self.sizes[k]].to(page.device, non_blocking=True))
-                    at += self.sizes[k]
+        for k in keys:
+            pages = self.pools.pages[k]
+            pages.view(pages.shape[0], -1).view(torch.uint8)[idx] = rows[:, at:at + self.sizes[k]]
+            at += self.sizes[k]
 
     # ------------------------------------------------------------------ policy
     def reload_wins(self, tier_bytes: dict[str, int], flops: float) -> bool:
