@@ -34,7 +34,8 @@ def trained(tmp_path_factory):
     config = demo.demo_config(SMALL)
     model = demo.new_model(config, SMALL.seed)
     log = train(model, Batches(encode(tok, train_texts), SMALL.batch, SMALL.seq).next, SMALL.steps, progress=False)
-    path = save_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", model, config, tok)
+    path = save_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", model, config, tok,
+                           chat_template=demo.CHAT_TEMPLATE)
     return path, log, model, train_texts
 
 
@@ -88,6 +89,12 @@ def test_checkpoint_same_greedy_in_tierlm_and_transformers(trained):
             ref = hf.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)
         assert out.outputs[0].token_ids == ref[0, ids.shape[1]:].tolist()
         assert out.outputs[0].text == hf_tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    # the demo's chat template (a turn is code to continue) renders as transformers renders it
+    from tierlm.serve.chat import ChatTemplate
+    messages = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "    return x"},
+                {"role": "user", "content": "def g("}]
+    want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ChatTemplate.load(path).render(messages) == want == "def f(x):\n    return x\ndef g("
 
 
 def test_group_prompt_is_shared_through_the_prefix_cache(trained):

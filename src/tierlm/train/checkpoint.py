@@ -18,8 +18,9 @@ from .data import SPECIAL
 
 
 def save_checkpoint(out: Path, model: nn.Module, config: dict, tokenizer, extra: dict[str, dict] | None = None,
-                    dtype: torch.dtype = torch.float32) -> Path:
-    """Write the checkpoint to `out` (replacing what is there); `extra` adds JSON files."""
+                    dtype: torch.dtype = torch.float32, chat_template: str | None = None) -> Path:
+    """Write the checkpoint to `out` (replacing what is there); `extra` adds JSON files, and
+    `chat_template` a `chat_template.jinja` (as transformers saves one)."""
     from safetensors.torch import save_file
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
@@ -39,6 +40,8 @@ def save_checkpoint(out: Path, model: nn.Module, config: dict, tokenizer, extra:
         for name, body in files.items():
             (tmp / name).write_text(json.dumps(body, indent=2) + "\n")
         tokenizer.save(str(tmp / "tokenizer.json"))
+        if chat_template is not None:
+            (tmp / "chat_template.jinja").write_text(chat_template)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -81,6 +81,12 @@ def default_dir(s: DemoSettings) -> Path:
     return base / "demo" / s.key()
 
 
+# The demo model continues Python source, so a chat turn is code to continue: the template
+# joins the messages' contents with newlines and adds nothing for the reply (`tierlm serve`
+# then answers /v1/chat/completions with the continuation).
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}"
+
+
 def build(s: DemoSettings, out: Path | None = None, progress: bool = True, log=print) -> tuple[Path, dict]:
     """Train the demo model (or reuse the one saved under the same settings); returns
     (checkpoint dir, training summary)."""
@@ -96,6 +102,8 @@ def build(s: DemoSettings, out: Path | None = None, progress: bool = True, log=p
             summary = {}
         if summary.get("key") == s.key():
             log(f"reusing the demo model in {out} (trained with these settings)")
+            if not (out / "chat_template.jinja").is_file():     # saved by an earlier version
+                (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
             return out, summary
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
@@ -119,7 +127,7 @@ def build(s: DemoSettings, out: Path | None = None, progress: bool = True, log=p
                "first_mtp_loss": hist.mtp_loss[0], "final_mtp_loss": sum(hist.mtp_loss[-10:]) / len(hist.mtp_loss[-10:]),
                "held_out_loss_before": before[0], "held_out_loss_after": after[0],
                "held_out_mtp_loss_after": after[1]}
-    save_checkpoint(out, model, config, tok, extra={"demo.json": summary})
+    save_checkpoint(out, model, config, tok, extra={"demo.json": summary}, chat_template=CHAT_TEMPLATE)
     log(f"trained {s.steps} steps in {hist.seconds:.0f} s ({hist.tokens_per_s:,.0f} tok/s): loss "
         f"{summary['first_loss']:.2f} -> {summary['final_loss']:.2f}, MTP loss {summary['first_mtp_loss']:.2f} -> "
         f"{summary['final_mtp_loss']:.2f}; held-out {before[0]:.2f} -> {after[0]:.2f}; saved to {out}")
