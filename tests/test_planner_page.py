@@ -277,7 +277,7 @@ def test_planner_page_in_chromium(server, browser, tmp_path):
 
     # -- another hardware: the placement, speed and cost follow it, the cache bytes do not
     Select(d.find_element(By.ID, "hardware")).select_by_value("b200")
-    wait(d, lambda d: settled(d) == "ready" and table(d)["rows"]["hardware"][0][0].endswith("x b200"), "b200 figures")
+    wait(d, lambda d: settled(d) == "ready" and " x b200, " in table(d)["rows"]["hardware"][0][0], "b200 figures")
     wait_ready(d)
     b200 = [tierlm.plan(m, 1_000_000, kv_dtype="fp8", indexer_dtype="bf16", hardware="b200") for m in HEADLINE]
     got_b200 = table(d)

@@ -13,8 +13,22 @@ from rich.table import Table
 from .errors import TierlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="tierlm: plan and run LLMs on cheap memory (HBM, host DRAM, NVMe).")
 err = Console(stderr=True, emoji=False, markup=False, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"tierlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the tierlm version and exit.")) -> None:
+    """tierlm: plan and run LLMs on cheap memory (HBM, host DRAM, NVMe)."""
 
 
 def _fail(msg: str) -> None:
@@ -39,7 +53,8 @@ def _weight_dtypes(values: List[str]) -> dict[str, str]:
 def plan(
     models: List[str] = typer.Argument(..., help="Registry ids/aliases or paths to config.json / checkpoint dirs."),
     context: str = typer.Option("128k", "--context", "-c", help="Comma list; k=1e3, M=1e6, Ki=2^10, Mi=2^20."),
-    batch: int = typer.Option(1, "--batch", "-b", help="Concurrent sequences."),
+    batch: str = typer.Option("1", "--batch", "-b", help="Concurrent sequences: a whole number (8, 1k), or max "
+                              "(the largest batch that fits on the device)."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="bf16 | fp8 | fp4 | fp16 | fp32"),
     indexer_dtype: str = typer.Option("bf16", "--indexer-dtype", help="bf16 | fp8 | fp4 | fp16 | fp32 (DSA / V4 indexer keys)"),
     state_dtype: str = typer.Option("auto", "--state-dtype", help="auto (each model's own) | fp32 | bf16 | fp16: "
@@ -49,6 +64,11 @@ def plan(
     devices: Optional[int] = typer.Option(None, "--devices", "--tp", help="Devices (tensor/expert parallel). Default: fewest that fit, up to one node."),
     layout: str = typer.Option("ideal", "--layout", help="ideal | vllm | sglang | tierlm (the engine's own pools)"),
     weight_dtype: List[str] = typer.Option([], "--weight-dtype", help="COMPONENT=DTYPE or DTYPE for all, repeatable."),
+    dp_attention: bool = typer.Option(False, "--dp-attention", help="Attention data-parallel across the devices "
+                                      "(each holds its own sequences' cache, all heads), routed experts expert-parallel, "
+                                      "the rest replicated: the DeepSeek / SGLang / TensorRT-LLM deployment."),
+    expert_imbalance: float = typer.Option(1.0, "--expert-imbalance", help="Busiest device's routed-expert load "
+                                           "over the mean (1 = perfectly even)."),
     gpu_util: float = typer.Option(0.9, "--gpu-util", help="Fraction of device memory tierlm may plan for."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON."),
     explain: bool = typer.Option(False, "--explain", help="Print every formula with its values."),
@@ -60,21 +80,22 @@ def plan(
     from .plan.planner import Options
     from .plan.planner import plan as make_plan
     from .spec.registry import load_spec
-    from .units import parse_count_list
+    from .units import as_count, parse_count_list
     try:
         contexts = parse_count_list(context)
+        batch = batch if batch == "max" else as_count(batch, "--batch")
         if export is not None and export not in ("vllm", "sglang"):
             raise TierlmError(f"--export must be vllm or sglang, got {export!r}")
         opts = Options(batch=batch, kv_dtype=kv_dtype, indexer_dtype=indexer_dtype, state_dtype=state_dtype,
                        mtp=mtp, layout=layout,
                        hardware=hardware, devices=devices, weight_dtypes=_weight_dtypes(weight_dtype) or None,
-                       gpu_util=gpu_util)
+                       gpu_util=gpu_util, dp_attention=dp_attention, expert_imbalance=expert_imbalance)
         opts.check()
         specs = [load_spec(m, allow_unknown_fields) for m in models]
         plans = [make_plan(s, c, opts) for s in specs for c in contexts]
         if plot:
             from .plan.plot import plot_memory
-            plot_memory(specs, plot, kv_dtype, indexer_dtype, batch, mtp, layout)
+            plot_memory(specs, plot, kv_dtype, indexer_dtype, 1 if batch == "max" else batch, mtp, layout)
     except TierlmError as e:
         _fail(str(e))
         return
@@ -96,6 +117,7 @@ def plan(
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in model registry."""
+    from .plan.report import print_table
     from .spec.registry import entries
     rows = [{"id": e.id, "aliases": list(e.aliases), "model_type": e.config.get("model_type"),
              "source": e.source.get("url"), "published": e.published} for e in entries().values()]
@@ -107,13 +129,14 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
         t.add_column(col)
     for r in rows:
         t.add_row(r["id"], ", ".join(r["aliases"]), str(r["model_type"]), str(r["source"]))
-    Console().print(t)
+    print_table(t)
 
 
 @app.command("hardware")
 def hardware_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the hardware catalog."""
     from .plan.hardware import catalog
+    from .plan.report import print_table
     rows = [{"name": h.name, "description": h.description, "memory_bytes": h.device_memory,
              "bandwidth": h.device_bandwidth, "flops": h.flops, "price_per_hour": h.price_per_hour,
              "unofficial": h.unofficial} for h in catalog().values()]
@@ -128,7 +151,7 @@ def hardware_list(as_json: bool = typer.Option(False, "--json")) -> None:
         t.add_row(h.name + (" (unofficial)" if h.unofficial else ""), f"{h.device_memory / 1e9:,.0f} GB",
                   f"{h.device_bandwidth / 1e12:.2f} TB/s", fl,
                   "-" if h.price_per_hour is None else f"{h.price_per_hour:.2f}", h.description)
-    Console().print(t)
+    print_table(t)
 
 
 def _engine(model: str, dtype: Optional[str], device: Optional[str], kv_dtype: str, max_model_len: Optional[int],
@@ -138,10 +161,10 @@ def _engine(model: str, dtype: Optional[str], device: Optional[str], kv_dtype: s
 
 
 def _tier_options(cache_dir: Optional[str], kv_tiers: Optional[str], host_cache: Optional[str],
-                  disk_cache: Optional[str], tier_policy: str) -> dict:
+                  disk_cache: Optional[str], tier_policy: str, tier_write: str = "through") -> dict:
     """LLM keyword arguments of the --cache-dir / --kv-tiers / --host-cache / --disk-cache options."""
     from .units import parse_bytes
-    return {"cache_dir": cache_dir, "tier_policy": tier_policy,
+    return {"cache_dir": cache_dir, "tier_policy": tier_policy, "tier_write": tier_write,
             "kv_tiers": tuple(t.strip() for t in kv_tiers.split(",") if t.strip()) if kv_tiers else None,
             "host_cache_bytes": parse_bytes(host_cache, "--host-cache") if host_cache else None,
             "disk_cache_bytes": parse_bytes(disk_cache, "--disk-cache") if disk_cache else None}
@@ -163,6 +186,8 @@ KV_TIERS = typer.Option(None, "--kv-tiers", help="host,disk (default: host, plus
 HOST_CACHE = typer.Option(None, "--host-cache", help="Host KV tier budget, e.g. 8GiB.")
 DISK_CACHE = typer.Option(None, "--disk-cache", help="Disk KV tier budget, e.g. 100GiB.")
 TIER_POLICY = typer.Option("auto", "--tier-policy", help="auto | reload | recompute")
+TIER_WRITE = typer.Option("through", "--tier-write", help="through: blocks go to disk at once | back: when the "
+                          "host tier evicts them or the engine stops")
 
 
 @app.command()
@@ -186,6 +211,7 @@ def generate(
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
     tier_policy: str = TIER_POLICY,
+    tier_write: str = TIER_WRITE,
     experts_on: str = EXPERTS_ON,
     device_experts: Optional[str] = DEVICE_EXPERTS,
     engram_on: str = ENGRAM_ON,
@@ -207,7 +233,7 @@ def generate(
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                 seed=seed, ignore_eos=ignore_eos)
         llm = _engine(model, dtype, device, kv_dtype, max_model_len,
-                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy),
+                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write),
                        **_offload_options(experts_on, device_experts, engram_on)})
         t0 = time.perf_counter()
         shown, out = "", None
@@ -254,6 +280,7 @@ def bench(
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
     tier_policy: str = TIER_POLICY,
+    tier_write: str = TIER_WRITE,
     experts_on: str = EXPERTS_ON,
     device_experts: Optional[str] = DEVICE_EXPERTS,
     engram_on: str = ENGRAM_ON,
@@ -269,7 +296,7 @@ def bench(
                 raise TierlmError(f"{name} must be >= 1, got {v}")
         from .runtime import bench as b
         llm = _engine(model, dtype, device, kv_dtype, None,
-                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy),
+                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write),
                        **_offload_options(experts_on, device_experts, engram_on)},
                       max_num_seqs=batch, max_num_batched_tokens=max(512, context))
         res = b.prefill(llm, batch, context) if mode == "prefill" else b.decode(llm, batch, context, tokens)
@@ -371,7 +398,7 @@ def cache(
             m = models.setdefault(e.fingerprint, {"blocks": 0, "bytes": 0, "oldest": e.created, "newest": e.created,
                                                   "model": None})
             m["blocks"] += 1
-            m["bytes"] += e.length
+            m["bytes"] += e.size
             m["oldest"], m["newest"] = min(m["oldest"], e.created), max(m["newest"], e.created)
             if m["model"] is None:
                 m["model"] = (store.layout(e.layout) or {}).get("model", "?")

@@ -16,3 +16,12 @@ class ConfigError(TierlmError):
 
 class HardwareError(TierlmError):
     """A hardware description is missing a field or has an impossible value."""
+
+
+def did_you_mean(close: list[str]) -> str:
+    """The sentence " Did you mean 'a', 'b' or 'c'?" for a list of suggestions; "" for none."""
+    if not close:
+        return ""
+    names = [repr(c) for c in close]
+    listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    return f" Did you mean {listed}?"

@@ -18,19 +18,32 @@ def parse_count(text: str, what: str = "context") -> int:
     """'128k' -> 128000, '1M' -> 1000000, '1Mi' -> 1048576, '4096' -> 4096."""
     m = _TOKENS.match(str(text))
     if not m:
-        raise TierlmError(f"{what}: cannot read {text!r} as a token count (use e.g. 4096, 128k, 1M, 1Mi)")
+        raise TierlmError(f"{what}: cannot read {text!r} as a count (use e.g. 4096, 128k, 1M, 1Mi)")
     number, suffix = m.groups()
     scale = _SUFFIX[suffix]
     if "." in number:
         whole, frac = number.split(".")
         value = int(whole) * scale + int(frac) * scale // 10 ** len(frac)
         if int(frac) * scale % 10 ** len(frac):
-            raise TierlmError(f"{what}: {text!r} is not a whole number of tokens")
+            raise TierlmError(f"{what}: {text!r} is not a whole number")
     else:
         value = int(number) * scale
     if value <= 0:
-        raise TierlmError(f"{what}: must be a positive number of tokens, got {text!r}")
+        raise TierlmError(f"{what}: must be a positive whole number, got {text!r}")
     return value
+
+
+def as_count(value, what: str = "context") -> int:
+    """A positive whole count from the Python API: an int, or a string read like the CLI's
+    ('128k', '1Mi', '4096'). Floats, bools, None and NaN are errors, never rounded."""
+    if isinstance(value, str):
+        return parse_count(value, what)
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TierlmError(f"{what} must be a whole number (an int, or a string such as '128k'), got {value!r}")
+    n = value.__index__()
+    if n <= 0:
+        raise TierlmError(f"{what} must be >= 1, got {n}")
+    return n
 
 
 def parse_count_list(text: str, what: str = "context") -> list[int]:

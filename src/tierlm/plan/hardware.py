@@ -1,6 +1,7 @@
 """Hardware catalog: one JSON file per accelerator (or CPU box), every number sourced.
 
-Schema (see docs/planner.md): device memory/bandwidth/dense FLOPs per dtype, host memory
+Schema (see docs/planner.md): device memory (as the driver reports it)/bandwidth/dense FLOPs
+per dtype, the scale-up link between devices (and the scale-out NIC beyond it), host memory
 and bandwidth per node with devices_per_node, host<->device link bandwidth per device,
 NVMe per node, $/device-hour. Each number is {"value": x, "source": "..."}; user files
 may give plain numbers. Absent optional blocks mean "not described", never a default.
@@ -37,6 +38,9 @@ class Hardware:
     disk_read_bandwidth: float = 0.0
     disk_write_bandwidth: float = 0.0
     price_per_hour: float | None = None
+    interconnect_bandwidth: float = 0.0   # device <-> device scale-up link (NVLink, ...), per device, per direction
+    domain_size: int = 0                  # devices one scale-up domain joins (0: not described)
+    scale_out_bandwidth: float = 0.0      # per device, per direction, beyond the domain (IB / RoCE NIC)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -51,6 +55,17 @@ class Hardware:
         if self.host_bandwidth <= 0:
             return self.link_bandwidth
         return min(self.link_bandwidth, self.host_bandwidth / self.devices_per_node)
+
+    def device_link(self, devices: int) -> tuple[str, float]:
+        """The link one device sends over to the others of a `devices`-wide group, and its
+        bandwidth per direction: the scale-up link inside its domain (default domain: one node),
+        the NIC beyond it; a card without a scale-up link talks over its host link (PCIe).
+        Bandwidth 0: the hardware file does not describe that link."""
+        if devices <= (self.domain_size or self.devices_per_node):
+            if self.interconnect_bandwidth:
+                return "scale-up", self.interconnect_bandwidth
+            return "host link", self.link_bandwidth
+        return "scale-out", self.scale_out_bandwidth
 
     @property
     def disk_capacity_per_device(self) -> int:
@@ -102,7 +117,7 @@ class _Reader:
 SCHEMA = {
     "": {"name", "aliases", "description", "unofficial", "device", "interconnect", "host", "disk", "price_per_hour", "notes"},
     "device": {"memory_bytes", "memory_bandwidth", "flops"},
-    "interconnect": {"bandwidth", "domain_size"},
+    "interconnect": {"bandwidth", "domain_size", "scale_out_bandwidth"},
     "host": {"devices_per_node", "memory_bytes", "memory_bandwidth", "link_bandwidth", "link"},
     "disk": {"read_bandwidth", "write_bandwidth", "capacity_bytes"},
 }
@@ -150,7 +165,11 @@ def parse_hardware(data: Any, where: str = "hardware") -> Hardware:
         disk_capacity=r.number("disk.capacity_bytes", required=False, integer=True) or 0,
         disk_read_bandwidth=r.number("disk.read_bandwidth", required=False) or 0.0,
         disk_write_bandwidth=r.number("disk.write_bandwidth", required=False) or 0.0,
-        price_per_hour=price, sources=r.sources)
+        price_per_hour=price,
+        interconnect_bandwidth=r.number("interconnect.bandwidth", required=False) or 0.0,
+        domain_size=r.number("interconnect.domain_size", required=False, integer=True, bounds=(1, 1e6)) or 0,
+        scale_out_bandwidth=r.number("interconnect.scale_out_bandwidth", required=False) or 0.0,
+        sources=r.sources)
     if hw.host_memory and not hw.link_bandwidth and link != "unified":
         raise HardwareError(f"{where}: field 'host.link_bandwidth' is needed when host.memory_bytes is given")
     if hw.disk_capacity and not hw.disk_read_bandwidth:

@@ -179,14 +179,15 @@ def resolve_weight_dtypes(overrides: dict[str, str] | None) -> dict[str, str]:
 
 
 def weights(spec: ModelSpec, overrides: dict[str, str] | None = None, mtp: bool = True,
-            tp: int = 1) -> dict[str, ComponentWeights]:
-    """Per-component parameters and bytes (total and per TP/EP rank)."""
+            tp: int = 1, ep: int | None = None) -> dict[str, ComponentWeights]:
+    """Per-component parameters and bytes (total and per rank): split groups over `tp` ranks,
+    routed experts over `ep` ranks (default `tp`). Attention data-parallel is tp=1, ep=N."""
     over = resolve_weight_dtypes(overrides)
-    return dict(_weights(spec, tuple(sorted(over.items())), mtp, tp))
+    return dict(_weights(spec, tuple(sorted(over.items())), mtp, tp, tp if ep is None else ep))
 
 
 @lru_cache(maxsize=4096)
-def _weights(spec: ModelSpec, over_items: tuple, mtp: bool, tp: int) -> tuple:
+def _weights(spec: ModelSpec, over_items: tuple, mtp: bool, tp: int, ep: int) -> tuple:
     over = dict(over_items)
     acc: dict[str, list] = {}
     for g in param_groups(spec):
@@ -196,11 +197,11 @@ def _weights(spec: ModelSpec, over_items: tuple, mtp: bool, tp: int) -> tuple:
         if g.kind in ("linear", "embedding"):
             dtype = over.get(g.component, over.get(g.dtype_component, over.get("*", dtype)))
         b = group_bytes(spec, g, dtype)
-        if g.tp == "replicate" or tp == 1:
-            dev = b
-        elif g.dtype_component == "routed_experts" and spec.moe is not None:
+        if g.dtype_component == "routed_experts" and spec.moe is not None and g.tp != "replicate":
             e = spec.moe.num_experts          # expert parallel: whole experts per rank
-            dev = b * (-(-e // tp)) // e
+            dev = b * (-(-e // ep)) // e
+        elif g.tp == "replicate" or tp == 1:
+            dev = b
         else:
             dev = -(-b // tp)
         a = acc.setdefault(g.component, [0, 0, 0, set()])
@@ -216,6 +217,31 @@ def embedding_bytes(spec: ModelSpec, overrides: dict[str, str] | None = None) ->
     over = resolve_weight_dtypes(overrides)
     g = next(g for g in param_groups(spec) if g.name == "embed_tokens" and g.component == "embeddings")
     return group_bytes(spec, g, over.get("embeddings", over.get("*", default_dtype(spec, g))))
+
+
+@lru_cache(maxsize=256)
+def routed_active_params(spec: ModelSpec) -> int:
+    """The part of `active_params` in routed experts (top_k / num_experts of them, main model)."""
+    if spec.moe is None:
+        return 0
+    return sum(g.numel * spec.moe.top_k // spec.moe.num_experts for g in param_groups(spec)
+               if g.component == "routed_experts")
+
+
+@lru_cache(maxsize=256)
+def linear_ops(spec: ModelSpec, mtp: bool = False) -> int:
+    """Kernels one forward pass launches, counted as the layers' weight matrices (a routed-expert
+    matrix is one grouped GEMM) plus one attention kernel per layer, plus the head: the unit the
+    per-kernel latency floor (`roofline.OP_LATENCY`) is charged for."""
+    from ..spec.params import _layer_groups
+    per_kind: dict = {}
+    n = 1                                                     # lm_head
+    for layer in spec.all_layers(mtp):
+        key = replace(layer, index=0)
+        if key not in per_kind:
+            per_kind[key] = 1 + sum(1 for g in _layer_groups(spec, layer) if g.kind == "linear")
+        n += per_kind[key]
+    return n
 
 
 @lru_cache(maxsize=256)

@@ -14,6 +14,22 @@ from ..spec.model import LayerSpec, ModelSpec
 ETA_MEM = 0.8
 ETA_FLOPS = 0.7
 
+# Latency floors, aiconfigurator's empirical corrections ("some nonofficial correction based on
+# observations"): every memory-bound kernel takes at least 3 us (gpu.mem_empirical_constant_latency)
+# and every collective at least 10 us (node.p2p_latency), in
+# ai-dynamo/aiconfigurator@77f0282e967cf0521dbb3e9a67845c005f131b49:src/aiconfigurator/systems/h800_sxm.yaml
+# (read 2026-12-02). A step pays them after its bandwidth-bound parts, which overlap.
+OP_LATENCY = 3e-6
+COLLECTIVE_LATENCY = 10e-6
+# Bytes per activation element on the wire: bf16 for tensor-parallel all-reduces and the expert
+# combine, fp8 for the expert dispatch. DeepSeek's inference overview: "dispatch transmissions adopt
+# the FP8 format ... while core MLA computations and combine transmissions use the BF16 format"
+# (https://github.com/deepseek-ai/open-infra-index/blob/main/202502OpenSourceWeek/day_6_one_more_thing_deepseekV3R1_inference_system_overview.md,
+# 2025-03-01, read 2026-12-02).
+ALLREDUCE_BYTES = 2
+DISPATCH_BYTES = 1
+COMBINE_BYTES = 2
+
 
 def sum_floor(n: int, r: int) -> int:
     """sum_{t=1..n} floor(t / r)."""
@@ -38,9 +54,11 @@ def sum_min(n: int, w: int) -> int:
     return w * (w + 1) // 2 + (n - w) * w
 
 
-def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative: bool = False) -> int:
+def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative: bool = False,
+                    mha: bool = False) -> int:
     """Attention FLOPs (QK and PV, plus indexer scoring) of one query at `context`, or of
-    all queries 1..context when `cumulative` (a causal prefill)."""
+    all queries 1..context when `cumulative` (a causal prefill). `mha`: dense MLA layers in the
+    form engines prefill with (K and V decompressed per head), not the absorbed latent form."""
     def entries(kind: str, r: int = 1, cap: int | None = None, window: int | None = None) -> int:
         if window is not None:
             return sum_min(context, window) if cumulative else min(context, window)
@@ -68,6 +86,8 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, context: int, cumulative:
         # Absorbed MLA: scores over latent+rope, values over the latent.
         per = 2 * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
         if layer.attention == "mla":
+            if mha:          # per head: QK over nope + rope dims, PV over v dims
+                per = 2 * m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
             return per * entries("latent")
         assert ix is not None
         scan = 2 * ix.n_heads * ix.head_dim * entries("index") if layer.has_indexer else 0

@@ -9,6 +9,7 @@ overheads and block rounding on top.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass
 
 from .model import LayerSpec, ModelSpec
@@ -44,6 +45,7 @@ class CacheStream:
         return -(-self.kv_heads // tp) * per_head
 
 
+@lru_cache(maxsize=16384)
 def layer_cache_streams(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheStream, ...]:
     e = spec.engram
     if e is not None and layer.index in e.layer_ids and not layer.mtp:

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from .fields import METADATA_KEYS, Fields
 from .hybrid import HYBRID_FAMILIES, parse_hybrid
 from .model import (EngramConfig, GemmaConfig, GQAConfig, IndexerConfig, LayerSpec, MLAConfig, ModelSpec,
-                    MoEConfig, Quantization, RopeConfig, RouterConfig, V4Config)
+                    MoEConfig, Quantization, RopeConfig, RouterConfig, V4Config, interned)
 
 GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen3_moe",
                 "gpt_oss", "minimax_m2")
@@ -161,7 +161,7 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         spec = _parse_mla(f, model_type, name)
     if not allow_unknown:
         f.check_unknown(model_type)
-    return replace(spec, notes=tuple(notes)) if notes else spec
+    return interned(replace(spec, notes=tuple(notes)) if notes else spec)
 
 
 def _from_official(cfg: dict) -> tuple[dict, str]:

@@ -254,3 +254,19 @@ class ModelSpec:
 
     def all_layers(self, mtp: bool) -> tuple[LayerSpec, ...]:
         return self.layers + (self.mtp_layers if mtp else ())
+
+
+_INTERNED: dict[int, ModelSpec] = {}
+
+
+def interned(spec: ModelSpec) -> ModelSpec:
+    """The first ModelSpec built equal to `spec`. Specs key the planner's caches; handing out one
+    object per distinct spec makes those lookups match by identity instead of comparing every
+    layer again each time a config is parsed anew (one comparison here instead)."""
+    old = _INTERNED.get(hash(spec))
+    if old is not None and old == spec:
+        return old
+    if len(_INTERNED) >= 1024:
+        _INTERNED.clear()
+    _INTERNED[hash(spec)] = spec
+    return spec

@@ -6,12 +6,14 @@ planner number can always be traced back to its source.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .config import load_config_file, parse_config
 from .model import ModelSpec
 
@@ -54,13 +56,25 @@ def resolve(name: str) -> RegistryEntry | None:
     return entries()[key] if key else None
 
 
-def load_spec(model: str, allow_unknown: bool = False) -> ModelSpec:
+def suggest(name: str, n: int = 3) -> list[str]:
+    """Registry ids and aliases that look like `name` (case-insensitive), best first."""
+    spelled = {key.lower(): key for e in entries().values() for key in (e.id, *e.aliases)}
+    return [spelled[k] for k in difflib.get_close_matches(name.lower(), spelled, n=n, cutoff=0.6)]
+
+
+def load_spec(model: str | os.PathLike, allow_unknown: bool = False) -> ModelSpec:
     """ModelSpec for a registry id/alias or a path to a config.json / checkpoint directory."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise ConfigError(f"model must be a registry id, an alias or a path, got {model!r}")
     entry = resolve(model)
     if entry is not None:
         return parse_config(entry.config, entry.id, allow_unknown)
     path = Path(model)
     if path.exists():
         return parse_config(load_config_file(path), str(path), allow_unknown)
-    raise ConfigError(f"unknown model '{model}': not a registry id or alias and no such file "
-                      "(run `tierlm models` to list the registry)")
+    raise ConfigError(f"unknown model '{model}': not a registry id or alias, and no such file or directory."
+                      f"{did_you_mean(suggest(model))} "
+                      "tierlm never downloads anything: pass the path to a config.json, or to a directory "
+                      "holding one (`tierlm models` lists the registry)")

@@ -62,7 +62,8 @@ const CLI_ROWS = [
   ["weights", "weights", (d) => fmtBytes(d.weights.total_bytes), (d) => d.weights.total_bytes],
   ["params", "  params total / active",
    (d) => `${fixed(d.weights.total_params / 1e9, 1)}B / ${fixed(d.weights.active_params / 1e9, 1)}B`, (d) => d.weights.total_params],
-  ["hardware", "hardware", (d) => `${d.hardware.devices} x ${d.hardware.name}`, (d) => d.hardware.devices],
+  ["hardware", "hardware", (d) => `${d.hardware.devices} x ${d.hardware.name}, ` + (d.hardware.parallelism === "dp-attention"
+    ? `DP${d.hardware.devices} + EP${d.hardware.expert_parallel}` : `TP${d.hardware.devices}`), (d) => d.hardware.devices],
   ["per_device", "  per device: weights + KV", (d) => fmtBytes(d.weights.per_device_bytes + d.kv_cache.per_device_bytes),
    (d) => d.weights.per_device_bytes + d.kv_cache.per_device_bytes],
   ["fits", "  fits on device",
@@ -73,7 +74,7 @@ const CLI_ROWS = [
   ["decode", "decode tok/s (all sequences)",
    (d) => "error" in d.decode ? "does not fit" : `${fixed(d.decode.tokens_per_s, 1)} (${d.decode.bound}-bound)`,
    (d) => "error" in d.decode ? null : d.decode.tokens_per_s],
-  ["prefill", "prefill time", (d) => `${fixed(d.prefill.t_s, 2)} s`, (d) => d.prefill.t_s],
+  ["prefill", "prefill time", (d) => d.prefill.t_s === null ? "n/a" : `${fixed(d.prefill.t_s, 2)} s`, (d) => d.prefill.t_s],
   ["reload", "reload beats recompute from",
    (d) => ["host", "disk"].map((t) => `${t} ${reload(d.reload_vs_recompute[t])}`).join(" / "), null],
   ["cost", "$/Mtok output / input", (d) => `${money(d.cost.output_per_mtok)} / ${money(d.cost.input_per_mtok)}`,
@@ -87,7 +88,8 @@ const TIER_ROWS = [["device", "  on device"], ["host", "  in host memory"], ["di
 const MORE_ROWS = [
   ["decode_user", "decode tok/s per sequence", (d) => "error" in d.decode ? "does not fit" : fixed(d.decode.tokens_per_s_per_user, 1),
    (d) => "error" in d.decode ? null : d.decode.tokens_per_s_per_user],
-  ["prefill_rate", "prefill tok/s", (d) => fixed(d.prefill.tokens_per_s, 1), (d) => d.prefill.tokens_per_s],
+  ["prefill_rate", "prefill tok/s", (d) => d.prefill.tokens_per_s === null ? "n/a" : fixed(d.prefill.tokens_per_s, 1),
+   (d) => d.prefill.tokens_per_s],
   ["max_context_tiered", "max context with host / disk", (d) => int(d.limits.max_context_tiered), (d) => d.limits.max_context_tiered],
   ["max_batch", "max batch on device", (d) => int(d.limits.max_batch_on_device), (d) => d.limits.max_batch_on_device],
   ["price", "$/hour (all devices)", (d) => money(d.cost.price_per_hour), (d) => d.cost.price_per_hour],
