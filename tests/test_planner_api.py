@@ -300,3 +300,79 @@ def test_cli_export_carries_the_tiering(toy):
     assert r.exit_code == 0, r.output
     env, argv = command(r.output.split("\n", 1)[1])
     assert env["LMCACHE_MAX_LOCAL_DISK_SIZE"] == "128" and "--kv-transfer-config" in argv
+
+
+# ---- --export of a DP-attention plan
+
+def test_dp_attention_export_dense_model_is_data_parallel(toy):
+    # Llama-3.1-8B, 4 x 131,072 tokens on 2 devices, DP attention: each device holds the whole model
+    # (16,060,522,496 B) and the cache of ceil(4/2) = 2 sequences, 2 x 16 GiB = 32 GiB. The device
+    # keeps 18e9 - 16,060,522,496 B of it, host memory the rest.
+    d = plan(LLAMA, 131072, hardware=toy, devices=2, batch=4, dp_attention=True).data
+    kv = d["placement"]["items"]["kv_cache"]
+    assert kv == {"device": DEVICE_BUDGET - LLAMA_WEIGHTS, "host": 32 * GiB - (DEVICE_BUDGET - LLAMA_WEIGHTS),
+                  "disk": 0, "unplaced": 0}
+    _, argv = command(serving_flags(d, "vllm"))
+    assert value(argv, "--data-parallel-size") == "2" and "--tensor-parallel-size" not in argv
+    assert "--enable-expert-parallel" not in argv                 # no experts
+    assert value(argv, "--max-num-seqs") == "2"                   # per DP rank
+    # Each DP rank is an engine of TP 1: its 32 GiB CPU tier, not 2 x 32 as under TP 2.
+    assert value(argv, "--kv-offloading-size") == "32"
+    _, argv = command(serving_flags(d, "sglang"))
+    assert argv[:3] == ["python", "-m", "sglang_router.launch_server"]
+    assert value(argv, "--dp-size") == "2" and "--tp" not in argv and "--enable-dp-attention" not in argv
+    assert value(argv, "--max-running-requests") == "2"           # per replica
+    assert value(argv, "--hicache-size") == "35"                  # 34,359,738,368 B per rank -> 35 GB
+
+
+def test_dp_attention_export_moe_model(toy):
+    # Qwen3-30B-A3B, 9 x 32,768 tokens on 2 devices, DP attention: ceil(9/2) = 5 sequences per device,
+    # 98,304 B per token x 32,768 x 5 = 16,106,127,360 B of KV. Replicated hot weights 3,082,186,752 B
+    # leave 14,917,813,248 B of the device for KV; the other 1,188,314,112 B go to host, and the 64 of
+    # 128 experts each device holds (27 GiB) go to host too.
+    d = plan("Qwen/Qwen3-30B-A3B", 32768, hardware=toy, devices=2, batch=9, dp_attention=True).data
+    items = d["placement"]["items"]
+    assert items["hot_weights"]["device"] == 3_082_186_752
+    assert items["kv_cache"] == {"device": 14_917_813_248, "host": 1_188_314_112, "disk": 0, "unplaced": 0}
+    assert items["routed_experts"]["host"] == 27 * GiB
+    env, argv = command(serving_flags(d, "vllm"))
+    assert env == {}
+    assert argv == ["vllm", "serve", "Qwen/Qwen3-30B-A3B", "--data-parallel-size", "2", "--max-model-len", "32768",
+                    "--max-num-seqs", "5", "--gpu-memory-utilization", "0.90", "--enable-expert-parallel",
+                    # host tier = min(device + host KV 16,106,127,360, 45e9 - 27 GiB of experts
+                    # = 16,008,970,752) -> 14.9 GiB on the one rank of a DP engine
+                    "--kv-offloading-backend", "native", "--kv-offloading-size", "15",
+                    "--cpu-offload-gb", "27"]
+    env, argv = command(serving_flags(d, "sglang"))
+    assert env == {}
+    assert argv == ["python", "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-30B-A3B",
+                    "--tp", "2", "--dp-size", "2", "--enable-dp-attention", "--moe-dense-tp-size", "1",
+                    "--enable-dp-lm-head", "--context-length", "32768",
+                    "--max-running-requests", "10",             # for both ranks: 5 each
+                    "--mem-fraction-static", "0.90", "--ep-size", "2",
+                    "--enable-hierarchical-cache", "--hicache-size", "17",   # 16,008,970,752 B -> 17 GB
+                    "--cpu-offload-gb", "27"]
+
+
+def test_dp_attention_on_one_device_exports_as_tensor_parallel():
+    d = plan("qwen3-30b-a3b", 4096, devices=1, dp_attention=True).data
+    assert serving_flags(d, "vllm") == serving_flags(plan("qwen3-30b-a3b", 4096, devices=1).data, "vllm")
+    _, argv = command(serving_flags(d, "sglang"))
+    assert value(argv, "--tp") == "1" and "--enable-dp-attention" not in argv and "--ep-size" not in argv
+
+
+def test_cli_export_follows_dp_attention():
+    # DeepSeek-V3, 64 sequences on 8 H200 with DP attention: 8 sequences per rank.
+    base = ["plan", "deepseek-v3", "--context", "4096", "--hardware", "h200", "--devices", "8", "--batch", "64",
+            "--dp-attention", "--export"]
+    r = runner.invoke(app, base + ["vllm"])
+    assert r.exit_code == 0, r.output
+    _, argv = command(r.output.split("\n", 1)[1])
+    assert (value(argv, "--data-parallel-size"), value(argv, "--max-num-seqs")) == ("8", "8")
+    assert "--enable-expert-parallel" in argv and "--tensor-parallel-size" not in argv
+    r = runner.invoke(app, base + ["sglang"])
+    assert r.exit_code == 0, r.output
+    _, argv = command(r.output.split("\n", 1)[1])
+    flags = ("--tp", "--dp-size", "--ep-size", "--max-running-requests")
+    assert [value(argv, f) for f in flags] == ["8", "8", "8", "64"]
+    assert "--enable-dp-attention" in argv

@@ -457,6 +457,16 @@ def test_plan_endpoint_matches_tierlm_plan(client):
     err(client.post("/v1/plan", json={"models": ["deepseek-v3"], "context": "lots"}), 400)
 
 
+
+def test_plan_endpoint_unknown_model_suggests_ids():
+    c = TestClient(create_app(None))
+    e = err(c.post("/v1/plan", json={"models": ["DeepSeek-V3.3"]}), 400)
+    assert e["message"].startswith("unknown model 'DeepSeek-V3.3': not a registry id or alias, nor the served "
+                                   "model's name. Did you mean 'deepseek-v3.2'")
+    assert "config.json object" in e["message"] and "path" not in e["message"]   # the server refuses paths
+    assert "Did you mean 'Qwen/Qwen3-8B'" in err(c.post("/v1/plan", json={"models": ["QWEN/QWEN3-8C"]}), 400)["message"]
+    assert "Did you mean" not in err(c.post("/v1/plan", json={"models": ["zzzz"]}), 400)["message"]
+
 def test_planner_only_imports_no_torch():
     code = ("import sys; from fastapi.testclient import TestClient; from tierlm.serve import create_app\n"
             "c = TestClient(create_app(None))\n"

@@ -35,7 +35,10 @@ def _kv_tier(d: dict, tier: str, kv_bytes: int) -> int:
 
 def serving_flags(data: dict, engine: str) -> str:
     d = data
-    tp = d["hardware"]["devices"]
+    n = d["hardware"]["devices"]
+    tp = d["hardware"]["tensor_parallel"]                   # n, or 1 under DP attention
+    dp = d["dp_attention"] and n > 1
+    seqs = d["kv_cache"]["sequences_per_device"]            # ceil(batch / n) under DP attention, else batch
     moe = "routed_experts" in d["weights"]["components"]
     kv_tiers = d["placement"]["items"]["kv_cache"]          # bytes per device (rank) on each tier
     on_device, on_host, on_disk = kv_tiers["device"], kv_tiers["host"], kv_tiers["disk"]
@@ -45,13 +48,17 @@ def serving_flags(data: dict, engine: str) -> str:
     spilled_w = sum(d["placement"]["items"][k]["host"] for k in ("hot_weights", "routed_experts", "mtp"))
     kv = d["kv_dtype"]
     if engine == "vllm":
-        args = [f"vllm serve {d['model']}", f"--tensor-parallel-size {tp}", f"--max-model-len {d['context']}",
-                f"--max-num-seqs {d['batch']}", f"--gpu-memory-utilization {d['hardware']['device_budget_bytes'] / _dev_mem(d):.2f}"]
+        # DP attention: one engine per device, each with its own scheduler and KV cache, so
+        # --max-num-seqs is per DP rank; --enable-expert-parallel makes the MoE layers expert-parallel
+        # over DP x TP ranks instead of tensor-parallel (vllm-project/vllm:docs/serving/data_parallel_deployment.md).
+        par = f"--data-parallel-size {n}" if dp else f"--tensor-parallel-size {n}"
+        args = [f"vllm serve {d['model']}", par, f"--max-model-len {d['context']}",
+                f"--max-num-seqs {seqs}", f"--gpu-memory-utilization {d['hardware']['device_budget_bytes'] / _dev_mem(d):.2f}"]
         if kv == "fp8":
             args.append("--kv-cache-dtype fp8")
         elif kv == "fp4":
             args.append("--kv-cache-dtype nvfp4")
-        if moe and tp > 1:
+        if moe and n > 1:
             args.append("--enable-expert-parallel")
         if d["mtp"]:
             args.append("--speculative-config '" + json.dumps({"method": "mtp", "num_speculative_tokens": 1}) + "'")
@@ -68,22 +75,40 @@ def serving_flags(data: dict, engine: str) -> str:
             args.append("--kv-transfer-config '"
                         + json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}) + "'")
         elif on_host:
-            # vLLM's native CPU offloading: GiB summed over all ranks (each rank gets size / (TP x PP)),
-            # vllm-project/vllm:vllm/config/cache.py (kv_offloading_size), vllm/config/kv_offloading.py.
+            # vLLM's native CPU offloading: GiB summed over the ranks of one engine (each rank gets
+            # size / (TP x PP); a DP rank is an engine of its own, TP 1 here), vllm-project/vllm:
+            # vllm/config/cache.py (kv_offloading_size), vllm/config/kv_offloading.py (get_num_kv_ranks).
             args.append(f"--kv-offloading-backend native --kv-offloading-size {_ceil(host_tier * tp, GiB)}")
         if spilled_w:
             args.append(f"--cpu-offload-gb {-(-spilled_w // GiB)}")
         return " \\\n  ".join(env + args)
     if engine == "sglang":
-        args = ["python -m sglang.launch_server", f"--model-path {d['model']}", f"--tp {tp}",
-                f"--context-length {d['context']}", f"--max-running-requests {d['batch']}",
+        launcher, par, running = "python -m sglang.launch_server", [f"--tp {n}"], seqs
+        if dp and moe:
+            # DP attention ("--dp-size must be explicitly set", sgl-project/sglang:
+            # docs/advanced_features/dp_dpa_smg_guide.md): attention TP size = tp / dp = 1
+            # (python/sglang/srt/layers/dp_attention.py, compute_dp_attention_world_info). Its FFN is
+            # tensor-parallel unless --moe-dense-tp-size 1, and the LM head whole per rank needs
+            # --enable-dp-lm-head: both as the plan counts them (docs/advanced_features/server_arguments.md).
+            # --max-running-requests is for all ranks, each taking 1/dp of it
+            # (python/sglang/srt/model_executor/model_runner.py, max_running_requests // dp_size).
+            par = [f"--tp {n}", f"--dp-size {n}", "--enable-dp-attention", "--moe-dense-tp-size 1",
+                   "--enable-dp-lm-head"]
+            running = seqs * n
+        elif dp:
+            # --enable-dp-attention is for MoE models (server_arguments.md); for a dense one the plan is
+            # n whole replicas, each with its own scheduler and --max-running-requests: data parallelism
+            # behind SGLang's router, as dp_dpa_smg_guide.md recommends.
+            launcher, par = "python -m sglang_router.launch_server", [f"--dp-size {n}"]
+        args = [launcher, f"--model-path {d['model']}", *par,
+                f"--context-length {d['context']}", f"--max-running-requests {running}",
                 f"--mem-fraction-static {d['hardware']['device_budget_bytes'] / _dev_mem(d):.2f}"]
         if kv == "fp8":
             args.append("--kv-cache-dtype fp8_e4m3")
         elif kv == "fp4":
             args.append("--kv-cache-dtype fp4_e2m1")
-        if moe and tp > 1:
-            args.append(f"--ep-size {tp}")
+        if moe and n > 1:
+            args.append(f"--ep-size {n}")
         if d["mtp"]:
             args.append("--speculative-algorithm EAGLE --speculative-num-steps 1 --speculative-eagle-topk 1 "
                         "--speculative-num-draft-tokens 2")

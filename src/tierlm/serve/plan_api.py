@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import TierlmError
+from ..errors import TierlmError, did_you_mean
 from .protocol import PlanRequest
 
 
@@ -18,7 +18,7 @@ def plan_json(req: PlanRequest, served: dict[str, Path] | None = None) -> dict:
     from ..plan.hardware import _aliases, catalog
     from ..plan.planner import Options, plan
     from ..spec.config import parse_config
-    from ..spec.registry import load_spec, resolve
+    from ..spec.registry import load_spec, resolve, suggest
     from ..units import parse_count, parse_count_list
 
     contexts: list[int] = []
@@ -45,8 +45,9 @@ def plan_json(req: PlanRequest, served: dict[str, Path] | None = None) -> dict:
         elif served and m in served:
             specs.append(load_spec(str(served[m]), req.allow_unknown_fields))
         else:
-            raise TierlmError(f"unknown model {m!r}: give a registry id or alias (see `tierlm models`), "
-                              "the served model's name, or a config.json object")
+            raise TierlmError(f"unknown model {m!r}: not a registry id or alias, nor the served model's name."
+                              f"{did_you_mean(suggest(m))} Give a registry id or alias (GET /v1/plan/models "
+                              "lists them), the served model's name, or a config.json object")
     return {"plans": [plan(s, c, opts).data for s in specs for c in contexts]}
 
 
