@@ -648,6 +648,7 @@ def test_serve_cli_errors(ckpt, tmp_path):
     for args, msg in ((["serve"], "give a MODEL"), (["serve", str(ckpt), "--planner-only"], "give a MODEL"),
                       (["serve", str(tmp_path / "missing")], "error:"), (["serve", str(ckpt), "--port", "70000"], "--port"),
                       (["serve", str(ckpt), "--max-request-bytes", "lots"], "--max-request-bytes"),
+                      (["serve", str(ckpt), "--threads", "0"], "--threads must be >= 1"),
                       (["serve", str(ckpt), "--max-queue", "-1"], "--max-queue")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)

@@ -34,6 +34,8 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cpu)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Sequences the engine runs at once."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU compute threads of the engine (default: "
+                                          "$OMP_NUM_THREADS if set, else all cores but one, left to HTTP)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="auto (the model dtype) | bf16 | fp8"),
     cache_dir: Optional[str] = CACHE_DIR,
     kv_tiers: Optional[str] = KV_TIERS,
@@ -62,8 +64,11 @@ def serve(
         if shutdown_grace < 0:
             raise TierlmError(f"--shutdown-grace must be >= 0, got {shutdown_grace}")
         body_limit = parse_bytes(max_request_bytes, "--max-request-bytes")
+        if threads is not None and threads < 1:
+            raise TierlmError(f"--threads must be >= 1, got {threads}")
         llm = None
         if model is not None:
+            _set_threads(threads)
             from ..cli import _engine
             llm = _engine(model, dtype, device, kv_dtype, max_model_len,
                           _tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write),
@@ -93,3 +98,16 @@ def serve(
     server.run()
     if not server.started:
         _fail(f"could not start the server on {host}:{port} (see the log above)")
+
+
+def _set_threads(threads: int | None) -> None:
+    """The engine's intra-op threads. Serving, the event loop (JSON, SSE, sockets) needs a core
+    of its own: with every core in the engine's parallel regions, each time the loop runs it
+    stalls a region's barrier, which cost half the throughput on 2 cores (BENCHMARKS.md)."""
+    import os
+    import torch
+    if threads is None:
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        threads = max(1, len(os.sched_getaffinity(0)) - 1)
+    torch.set_num_threads(threads)
