@@ -295,6 +295,8 @@ class LLM:
                 self.manager.trim(seq)
                 if seq.finish_reason is not None:
                     self.scheduler.finish(seq)
+        if self.store is not None:
+            self.store.end_step()
         return [self._output(rid) for rid in dict.fromkeys(touched)]
 
     def _sample_last(self, batch: list[tuple[Sequence, int]], h: torch.Tensor) -> list[str]:

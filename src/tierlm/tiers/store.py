@@ -140,6 +140,7 @@ class TierStore:
         self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(DISK_READ_GUESS)}
         self.flops = Rate(_matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
+        self._pending: list = []       # this step's blocks for the disk, queued together by end_step()
         self._writer = self._reader = None
         self._ahead: OrderedDict[bytes, torch.Tensor] = OrderedDict()   # prefetched payloads, verified
         self._ahead_mu = threading.Lock()
@@ -168,7 +169,7 @@ class TierStore:
         if self.write_back and payload.numel() <= self.host.budget:
             self._dirty[key] = (parent, tuple(tokens), stream)
         elif self.disk is not None and not self.disk.full:
-            self._queue.put((parent, key, tuple(tokens), payload, stream))
+            self._pending.append((parent, key, tuple(tokens), payload, stream))
         if self.host is not None:
             self.host.put(key, payload)
         self.stats["stored"] += 1
@@ -178,7 +179,7 @@ class TierStore:
         meta = self._dirty.pop(key, None)
         if meta is not None and not self.disk.full:
             parent, tokens, stream = meta
-            self._queue.put((parent, key, tokens, payload, stream))
+            self._pending.append((parent, key, tokens, payload, stream))
 
     def save(self, parent: bytes, key: bytes, tokens, block0: int | None) -> None:
         """Snapshot the per-token pages of block `key` (physical block `block0` of group 0)."""
@@ -213,13 +214,20 @@ class TierStore:
                 except queue.Empty:
                     break
             try:
-                for stream, blocks in self._runs([i for i in items if i is not None]):
+                for stream, blocks in self._runs([b for batch in items if batch is not None for b in batch]):
                     self._write(stream, blocks)
             finally:
                 for _ in items:
                     self._queue.task_done()
             if None in items:
                 return
+
+    def end_step(self) -> None:
+        """Hand the blocks stored since the last call to the writer at once (the engine calls
+        this after each step), so that a prefill chunk's chained blocks become one record."""
+        if self._pending:
+            self._queue.put(self._pending)
+            self._pending = []
 
     def _runs(self, items) -> list[tuple[str, list]]:
         runs, tails = [], {}
@@ -254,6 +262,7 @@ class TierStore:
             for key in [k for k in self._dirty if k in self.host.blocks]:
                 self._evicted(key, self.host.blocks[key])
             self._dirty.clear()
+        self.end_step()
         self._queue.join()
 
     def close(self, hit_tokens: dict[str, int] | None = None) -> None:
@@ -346,7 +355,8 @@ class TierStore:
             else:
                 missing.append((k, n))
         if missing and self.disk is not None:
-            self._queue.join()                      # a block may still be in the write queue
+            self.end_step()                         # a block may still be on its way to the disk
+            self._queue.join()
             start = time.perf_counter()
             got = self.disk.get_many([k for k, _ in missing], self.fingerprint)
             total = 0
