@@ -22,14 +22,9 @@ LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 LLAMA_WEIGHTS = 8_030_261_248 * 2          # bf16 parameters (tests/test_planner.py)
 LLAMA_KV_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # K and V x 32 layers x 8 KV heads x 128 dims x 2 B = 131,072 B
 
-# One 20 GB device (18 GB budget at gpu_util 0.9); the node's 100 GB of host memory is shared by 2
-# devices (45 GB each at 90 %), its 1 TB disk too (500 GB each).
-TOY = {"name": "toy", "device": {"memory_bytes": 20_000_000_000, "memory_bandwidth": 1e12,
-                                  "flops": {"bf16": 1e14}},
-       "host": {"devices_per_node": 2, "memory_bytes": 100_000_000_000, "memory_bandwidth": 2e11,
-                "link_bandwidth": 5e10, "link": "pcie5"},
-       "disk": {"capacity_bytes": 1_000_000_000_000, "read_bandwidth": 1e10},
-       "price_per_hour": 2.0}
+# test_planner's made-up accelerator: one 20 GB device (18 GB budget at gpu_util 0.9); the node's
+# 100 GB of host memory is shared by 2 devices (45 GB each at 90 %), its 1 TB disk too (500 GB each).
+from test_planner import TOY  # noqa: E402
 DEVICE_BUDGET, HOST_BUDGET = 18_000_000_000, 45_000_000_000
 
 
