@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import TierlmError
+from .errors import TierlmError, os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -95,9 +95,11 @@ def plan(
         plans = [make_plan(s, c, opts) for s in specs for c in contexts]
         if plot:
             from .plan.plot import plot_memory
-            plot_memory(specs, plot, kv_dtype, indexer_dtype, 1 if batch == "max" else batch, mtp, layout)
+            plot_memory(specs, plot, opts.kv_dtype, opts.indexer_dtype, 1 if batch == "max" else batch, mtp, layout)
     except TierlmError as e:
         _fail(str(e))
+    except OSError as e:                   # a file path no reader turned into a TierlmError
+        _fail(str(os_error(e.filename or "file", e)))
         return
     if as_json:
         sys.stdout.write(json.dumps({"plans": [p.data for p in plans]}, indent=2) + "\n")
@@ -248,6 +250,8 @@ def generate(
         llm.close()
     except TierlmError as e:
         _fail(str(e))
+    except OSError as e:                   # a file path no reader turned into a TierlmError
+        _fail(str(os_error(e.filename or "file", e)))
         return
     c = out.outputs[0]
     if as_json:
@@ -303,6 +307,8 @@ def bench(
         llm.close()
     except TierlmError as e:
         _fail(str(e))
+    except OSError as e:                   # a file path no reader turned into a TierlmError
+        _fail(str(os_error(e.filename or "file", e)))
         return
     if as_json:
         print(json.dumps(res))
@@ -341,6 +347,8 @@ def demo(
             result["grpo"] = d.grpo(path, settings, grpo_steps, progress=not as_json, log=say)
     except TierlmError as e:
         _fail(str(e))
+    except OSError as e:                   # a file path no reader turned into a TierlmError
+        _fail(str(os_error(e.filename or "file", e)))
         return
     if as_json:
         print(json.dumps(result))
@@ -411,6 +419,8 @@ def cache(
             result.update(good=good, bad=bad)
     except TierlmError as e:
         _fail(str(e))
+    except OSError as e:                   # a file path no reader turned into a TierlmError
+        _fail(str(os_error(e.filename or "file", e)))
         return
     if as_json:
         print(json.dumps(result))

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import HardwareError
+from ..errors import HardwareError, os_error
 
 CATALOG_DIR = Path(__file__).with_name("hardware")
 FLOP_DTYPES = ("bf16", "fp8", "fp4")
@@ -222,5 +222,7 @@ def load_hardware(name: str) -> Hardware:
             raise HardwareError(f"{p}: not valid JSON ({e})") from None
         except RecursionError:
             raise HardwareError(f"{p}: JSON nested too deeply") from None
+        except OSError as e:
+            raise os_error(p, e, HardwareError) from None
         return parse_hardware(data, str(p))
     raise HardwareError(f"unknown hardware '{name}' (one of {', '.join(sorted(catalog()))}, or a JSON file)")

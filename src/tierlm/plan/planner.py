@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..dtypes import canonical
 from ..errors import TierlmError, did_you_mean
 from ..spec.model import ModelSpec
 from ..spec.registry import load_spec
@@ -46,6 +47,14 @@ class Options:
     gpu_util: float = 0.9
     eta_mem: float = roofline.ETA_MEM
     eta_flops: float = roofline.ETA_FLOPS
+
+    def __post_init__(self) -> None:
+        # Any spelling of a dtype name (BF16, bfloat16, torch.bfloat16) becomes tierlm's canonical
+        # one; unknown names are left as given for check() to report with the accepted values.
+        for key in ("kv_dtype", "indexer_dtype", "state_dtype"):
+            object.__setattr__(self, key, canonical(getattr(self, key)) or getattr(self, key))
+        if isinstance(self.weight_dtypes, dict):
+            object.__setattr__(self, "weight_dtypes", {c: canonical(d) or d for c, d in self.weight_dtypes.items()})
 
     def check(self) -> None:
         if self.batch != "max" and (isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1):

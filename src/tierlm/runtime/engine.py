@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..dtypes import canonical
 from ..errors import TierlmError
 from ..spec.cache import block_size as default_block_size, entries_per_page, held_pages, layer_cache_streams
 from ..plan.layouts import tierlm_record_bytes
@@ -70,7 +71,8 @@ class LLM:
         self.dtype, self.device = weight.dtype, weight.device
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
         self.indexer_dtype = resolve_kv_dtype(indexer_dtype if indexer_dtype is not None else
-                                              ("auto" if kv_dtype in (None, "auto") else "bf16"), self.dtype)
+                                              ("auto" if kv_dtype is None or canonical(kv_dtype) == "auto" else "bf16"),
+                                              self.dtype, "indexer_dtype")
         self.block = default_block_size(spec) if block_size is None else block_size
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise TierlmError(f"block_size must be a positive integer, got {block_size!r}")
@@ -130,9 +132,10 @@ class LLM:
     def _mmap(self):
         """The checkpoint's tensors, memory-mapped by their module names."""
         from ..model.families import get
-        from ..model.loader import checkpoint_files
+        from ..model.loader import checkpoint_files, wrapper_rename
         from ..tiers.experts import SafetensorsMmap
-        return SafetensorsMmap(checkpoint_files(self.path), getattr(get(self.model.spec.family), "rename", None))
+        files = checkpoint_files(self.path)
+        return SafetensorsMmap(files, wrapper_rename(files, getattr(get(self.model.spec.family), "rename", None))[0])
 
     def close(self) -> None:
         """Finish queued disk writes and release the cache directory (also run at exit)."""

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from ..dtypes import dtype_name
 from ..errors import TierlmError
 from ..model.ops import StreamView
 from ..plan.layouts import tierlm_record_bytes
@@ -25,15 +26,15 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 KV_DTYPES = ("auto", "bf16", "fp8")
 
 
-def resolve_kv_dtype(kv_dtype: str | None, dtype: torch.dtype) -> str:
-    """'auto' / None -> the model's own dtype name; bf16 and fp8 as given."""
-    if kv_dtype in (None, "auto"):
+def resolve_kv_dtype(kv_dtype: str | None, dtype: torch.dtype, what: str = "kv_dtype") -> str:
+    """'auto' / None -> the model's own dtype name; bf16, fp8, fp16, fp32 and fp64 in any spelling
+    (`tierlm.dtypes`: BF16, bfloat16, torch.bfloat16, a torch.dtype) -> that name."""
+    name = "auto" if kv_dtype is None else dtype_name(kv_dtype, what, KV_DTYPES + ("fp16", "fp32", "fp64"))
+    if name == "auto":
         if dtype not in DTYPE_NAMES:
             raise TierlmError(f"no cache dtype for model dtype {dtype}")
         return DTYPE_NAMES[dtype]
-    if kv_dtype not in KV_DTYPES and kv_dtype not in TORCH_DTYPES:
-        raise TierlmError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-    return kv_dtype
+    return name
 
 
 def stream_dtype(s: CacheStream, kv: str, ix: str, dtype: torch.dtype) -> str:

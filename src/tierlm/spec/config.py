@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, os_error
 from .fields import METADATA_KEYS, Fields
 from .hybrid import HYBRID_FAMILIES, parse_hybrid
 from .model import (EngramConfig, GemmaConfig, GQAConfig, IndexerConfig, LayerSpec, MLAConfig, ModelSpec,
@@ -98,6 +98,8 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
     except RecursionError:
         raise ConfigError(f"{p}: JSON nested too deeply") from None
+    except OSError as e:                       # unreadable, EIO (/proc/self/mem), a FIFO gone away...
+        raise os_error(p, e, ConfigError) from None
 
 
 def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) -> ModelSpec:

@@ -48,6 +48,8 @@ class SafetensorsMmap:
                 if key == "__metadata__":
                     continue
                 name = rename(key) if rename else key
+                if name is None:                           # a multimodal wrapper's vision tower
+                    continue
                 begin, _ = meta["data_offsets"]
                 self.index[name] = (f, meta["dtype"], meta["shape"], 8 + n + begin)
 
