@@ -149,3 +149,52 @@ def test_plain_checkpoint_is_not_a_wrapper(tmp_path):
     """A text-only checkpoint loads without the note."""
     _, path = ds.make(tmp_path, next(c for c in ds.CASES if c[0] == "v3-qlora-group"))
     assert load_noting(path)[1] == []
+
+
+@pytest.mark.parametrize("vision", [
+    {},                                                        # the tiny tower, with SigLIP's pooling head
+    {"vision_use_head": False, "num_channels": 1, "image_size": 30, "patch_size": 7, "num_hidden_layers": 2},
+])
+def test_planner_counts_the_gemma3_vision_tower(vision):
+    """The plan counts Gemma 3's SigLIP vision tower and multi-modal projector: exactly the
+    parameters transformers 5.23.0 builds under model.vision_tower / model.multi_modal_projector."""
+    from tierlm import plan
+    from tierlm.spec import parse_config
+    text = {**BASE, **CONFIGS["local-global-linear"]}
+    wrapper = _tiny_wrapper(text)
+    wrapper["vision_config"] = {**wrapper["vision_config"], **vision}
+    cfg = T.Gemma3Config(**{k: v for k, v in wrapper.items() if k in ("text_config", "vision_config")})
+    with torch.device("meta"):
+        model = T.Gemma3ForConditionalGeneration(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("model.vision_tower.") for n in names)
+    assert any(n.startswith("model.multi_modal_projector.") for n in names)
+    want = sum(p.numel() for n, p in model.named_parameters()
+               if n.startswith(("model.vision_tower.", "model.multi_modal_projector.")))
+    spec = parse_config(cfg.to_dict(), "mm", allow_unknown=True)
+    assert spec.vision_params == want
+    assert any(f"counted: {want:,} params" in n for n in spec.notes)
+    assert not any("not counted" in n for n in spec.notes)
+    text_only = parse_config(T.Gemma3TextConfig(**text).to_dict(), "text")
+    assert text_only.vision_params == 0
+
+    p = plan(spec, 64, hardware="h200", devices=1).data
+    c = p["weights"]["components"]["vision_tower"]
+    assert c["params"] == want and c["bytes"] == want * 2 and c["dtypes"] == ["bf16"]
+    t = plan(text_only, 64, hardware="h200", devices=1).data
+    assert "vision_tower" not in t["weights"]["components"]
+    assert p["weights"]["total_bytes"] == t["weights"]["total_bytes"] + want * 2
+    # held with the hot weights, but a text decode step does not read it
+    assert p["placement"]["items"]["hot_weights"]["device"] == t["placement"]["items"]["hot_weights"]["device"] + want * 2
+    assert p["decode"]["bytes_read"] == t["decode"]["bytes_read"]
+
+
+def test_uncountable_vision_config_keeps_the_note():
+    """Kimi-K2.5's vt_* vision_config is not one tierlm counts: the note says so."""
+    from tierlm.spec import parse_config
+    text = T.DeepseekV3Config(**ds.COMMON, num_hidden_layers=2, first_k_dense_replace=1).to_dict()
+    text["model_type"] = "kimi_k2"
+    spec = parse_config({"model_type": "kimi_k25", "text_config": text,
+                         "vision_config": {"vt_hidden_size": 8, "vt_num_hidden_layers": 1}}, "k", allow_unknown=True)
+    assert spec.vision_params == 0
+    assert any("not counted" in n for n in spec.notes)

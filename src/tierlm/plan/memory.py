@@ -209,6 +209,13 @@ def _weights(spec: ModelSpec, over_items: tuple, mtp: bool, tp: int, ep: int) ->
         a[1] += b
         a[2] += dev
         a[3].add(dtype)
+    if spec.vision_params:
+        # A multimodal wrapper's vision tower and projector (spec/config.py counts them), in the
+        # checkpoint's unquantized dtype unless `--weight-dtype vision_tower=...` says otherwise (no
+        # block scales counted then); split over tp like the dense layers.
+        dtype = over.get("vision_tower", spec.quant.base)
+        b = -(-spec.vision_params * BITS[dtype] // 8)
+        acc["vision_tower"] = [spec.vision_params, b, b if tp == 1 else -(-b // tp), {dtype}]
     return tuple((c, ComponentWeights(c, *acc[c][:3], tuple(sorted(acc[c][3])))) for c in COMPONENTS if c in acc)
 
 

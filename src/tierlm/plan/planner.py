@@ -93,6 +93,14 @@ def _items(spec: ModelSpec, o: Options, context: int, batch: int, n: int) -> dic
             "engram": w["engram"].bytes_per_device if "engram" in w else 0}
 
 
+def _vision_bytes(spec: ModelSpec, o: Options, n: int) -> int:
+    """Per-device bytes of the vision tower: held with the hot weights, not read per text token."""
+    if not spec.vision_params:
+        return 0
+    tp, ep = _tp_ep(o, n)
+    return memory.weights(spec, o.weight_dtypes, mtp=o.mtp, tp=tp, ep=ep)["vision_tower"].bytes_per_device
+
+
 def min_devices(spec: ModelSpec, o: Options, hw: Hardware, context: int, batch: int) -> int | None:
     """Fewest devices holding everything on device (per-device bytes shrink as devices grow)."""
     b = budget(hw, o.gpu_util)
@@ -378,7 +386,8 @@ def _decode(spec, o, hw, context, n, B, items, placed, ex, notes) -> dict:
     kv_read = memory.cache_read_bytes(spec, context, o.kv_dtype, o.indexer_dtype, o.mtp, o.layout, tp, o.state_dtype) * seqs
     # The input embedding is a lookup of B rows, not a full read (unless tied to the head).
     lookup = 0 if spec.tie_embeddings else -(-memory.embedding_bytes(spec, o.weight_dtypes) // tp)
-    reads = {"hot_weights": items["hot_weights"] - lookup, "kv_cache": kv_read,
+    vision = _vision_bytes(spec, o, n)
+    reads = {"hot_weights": items["hot_weights"] - lookup - vision, "kv_cache": kv_read,
              "mtp": int(items["mtp"] * (hot if moe else 1)),
              "routed_experts": int(items["routed_experts"] * hot), "engram": 0}
     by_tier, t_mem, err = _read_time(hw, o, reads, items, placed)
@@ -396,7 +405,7 @@ def _decode(spec, o, hw, context, n, B, items, placed, ex, notes) -> dict:
     t_lat = _latency(spec, o, comm)
     t = max(t_mem, t_cmp or 0.0, comm["t"] or 0.0) + t_lat
     ex.append(("decode bytes/step", f"per device: hot weights {reads['hot_weights']:,} (input embedding "
-               f"{lookup:,} B not read) + routed experts {items['routed_experts']:,} x touched min(1, {frac:.4f} x "
+               f"{lookup:,} B not read" + (f", vision tower {vision:,} B not read" if vision else "") + ") + routed experts {items['routed_experts']:,} x touched min(1, {frac:.4f} x "
                f"imbalance {imb:g}) + KV read {kv_read:,} ({seqs} sequences) -> "
                + ", ".join(f"{k} {v:,.0f} B" for k, v in by_tier.items())))
     ex.append(("decode time", f"t_mem = sum(bytes_tier / (bw_tier x eta {o.eta_mem})) = {t_mem * 1e3:.3f} ms; "
@@ -449,7 +458,7 @@ def _prefill(spec, o, hw, context, n, B, items, placed, ex, notes) -> dict:
     if moe is not None:
         frac = min(1.0, roofline.expected_experts_touched(moe.num_experts, moe.top_k, context * B) / moe.num_experts * imb)
     lookup = 0 if spec.tie_embeddings else -(-memory.embedding_bytes(spec, o.weight_dtypes) // tp)
-    reads = {"hot_weights": items["hot_weights"] - lookup, "kv_cache": 0, "mtp": 0,
+    reads = {"hot_weights": items["hot_weights"] - lookup - _vision_bytes(spec, o, n), "kv_cache": 0, "mtp": 0,
              "routed_experts": int(items["routed_experts"] * frac), "engram": 0}
     by_tier, t_mem, err = _read_time(hw, o, reads, items, placed)
     out["bytes_read"] = {k: int(v) for k, v in by_tier.items()}

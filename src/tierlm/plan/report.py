@@ -46,6 +46,9 @@ def comparison_table(plans: list[Plan], full_ids: bool = False) -> Table:
         ("  read / decode step", lambda d: fmt_bytes(d["kv_cache"]["read_bytes_per_step"])),
         ("weights", lambda d: fmt_bytes(d["weights"]["total_bytes"])),
         ("  params total / active", lambda d: f"{d['weights']['total_params'] / 1e9:,.1f}B / {d['weights']['active_params'] / 1e9:,.1f}B"),
+        *([("  vision tower (not read per token)", lambda d: fmt_bytes(d["weights"]["components"]["vision_tower"]["bytes"])
+             if "vision_tower" in d["weights"]["components"] else "-")]
+          if any("vision_tower" in p.data["weights"]["components"] for p in plans) else []),
         ("hardware", _hardware),
         ("  per device: weights + KV", lambda d: fmt_bytes(d["weights"]["per_device_bytes"] + d["kv_cache"]["per_device_bytes"])),
         ("  fits on device", lambda d: "yes" if d["placement"]["fits_on_device"] else ("spills to host/disk" if d["placement"]["fits"] else "NO")),

@@ -128,12 +128,15 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         if unknown and not allow_unknown:
             raise ConfigError(f"unknown field '{unknown[0]}' for model_type '{model_type}'; pass "
                               "allow_unknown=True / --allow-unknown-fields to ignore it")
-        if "vision_config" in cfg:
+        vision = _siglip_dims(cfg.get("vision_config")) if model_type == "gemma3" else None
+        if vision is None and "vision_config" in cfg:
             notes.append("vision tower (vision_config) weights are not counted; the plan covers the language model")
         cfg = inner
         model_type = cfg.get("model_type")
         if model_type is None:
             raise ConfigError("missing field 'text_config.model_type'")
+    else:
+        vision = None
     official = False
     if model_type is None:
         if "dim" in cfg and "n_layers" in cfg:
@@ -163,7 +166,45 @@ def parse_config(cfg: Any, name: str = "custom", allow_unknown: bool = False) ->
         spec = _parse_mla(f, model_type, name)
     if not allow_unknown:
         f.check_unknown(model_type)
+    if vision is not None:
+        n = _gemma3_vision_params(*vision, spec.hidden_size)
+        spec = replace(spec, vision_params=n)
+        notes.append(f"vision tower (SigLIP vision_config) and multi-modal projector counted: {n:,} params "
+                     "(component vision_tower, held with the hot weights, not read per text token)")
     return interned(replace(spec, notes=tuple(notes)) if notes else spec)
+
+
+# transformers 5.23.0 SiglipVisionConfig defaults, for a vision_config that omits a field.
+SIGLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_channels": 3,
+                   "image_size": 224, "patch_size": 16}
+
+
+def _siglip_dims(vc: Any) -> tuple[int, ...] | None:
+    """(hidden, intermediate, layers, channels, image_size, patch_size, head) of a Gemma 3 SigLIP
+    vision_config; None when it is absent or not a SigLIP vision model (not counted then)."""
+    if not isinstance(vc, dict) or vc.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        return None
+    out = []
+    for key, default in SIGLIP_DEFAULTS.items():
+        v = vc.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"field 'vision_config.{key}' must be a positive integer, got {v!r}")
+        out.append(v)
+    head = vc.get("vision_use_head", True)
+    if not isinstance(head, bool):
+        raise ConfigError(f"field 'vision_config.vision_use_head' must be a boolean, got {head!r}")
+    return (*out, int(head))
+
+
+def _gemma3_vision_params(h: int, inter: int, layers: int, channels: int, image: int, patch: int, head: int,
+                          text_hidden: int) -> int:
+    """Parameters of transformers' SiglipVisionModel (model.vision_tower) plus Gemma3MultiModalProjector."""
+    embed = h * channels * patch * patch + h + (image // patch) ** 2 * h   # patch conv (bias) + positions
+    mlp = 2 * inter * h + inter + h                                        # fc1, fc2 with biases
+    layer = 4 * (h * h + h) + 2 * 2 * h + mlp                             # q/k/v/o (biases), 2 LayerNorms
+    pool = (h + 3 * h * h + 3 * h + h * h + h + 2 * h + mlp) if head else 0  # probe, MHA, LayerNorm, MLP
+    projector = h * text_hidden + h                                       # mm_input_projection, soft-emb norm
+    return embed + layers * layer + 2 * h + pool + projector
 
 
 def _from_official(cfg: dict) -> tuple[dict, str]:

@@ -221,6 +221,7 @@ class ModelSpec:
     msa: MSAConfig | None = None
     sconv_kernel: int = 0            # Inkling short conv on k, v and two hidden-size streams (0: none)
     quant: Quantization = Quantization("none", "bf16", "bf16", "bf16")
+    vision_params: int = 0           # multimodal wrapper's vision tower + projector (0: none counted)
     notes: tuple[str, ...] = ()      # values taken from class defaults, for --explain
 
     def __hash__(self) -> int:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from .model import LayerSpec, ModelSpec
 
 COMPONENTS = ("embeddings", "attention", "dense_ffn", "shared_experts", "routed_experts", "router",
-              "other", "mtp", "engram")
+              "other", "mtp", "engram", "vision_tower")
 
 
 @dataclass(frozen=True)
