@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import canonical
 from ..errors import ConfigError, os_error
 from .fields import METADATA_KEYS, Fields
 from .hybrid import HYBRID_FAMILIES, parse_hybrid
@@ -81,8 +82,6 @@ ROPE_KEYS = ("rope_theta", "rope_type", "type", "factor", "original_max_position
 MAX_LAYERS = 4096     # the deepest model in the registry has 126
 MAX_MTP_LAYERS = 16
 
-DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "bf16": "bf16",
-               "fp16": "fp16", "fp32": "fp32", "float8_e4m3fn": "fp8", "fp8": "fp8"}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -796,8 +795,8 @@ def _parse_engram(f: Fields, n_layers: int) -> EngramConfig | None:
 
 def _parse_quant(f: Fields, family: str) -> Quantization:
     base_name = f.raw("torch_dtype", "bfloat16", aliases=("dtype",))
-    base = DTYPE_NAMES.get(str(base_name))
-    if base is None or base == "fp8":
+    base = canonical(base_name)
+    if base not in ("bf16", "fp16", "fp32", "fp64"):
         raise ConfigError(f"field 'torch_dtype' must be bfloat16, float16, float32 or float64, got {base_name!r}")
     top_expert_dtype = f.str("expert_dtype", "fp8") if family == "deepseek_v4" else "fp8"
     q = f.sub("quantization_config")

@@ -10,6 +10,7 @@ and weights follow the checkpoints' main projections (docs/planner.md lists what
 
 from __future__ import annotations
 
+from ..dtypes import canonical
 from ..errors import ConfigError
 from .fields import Fields
 from .model import (GQAConfig, LayerSpec, LinearAttnConfig, MLAConfig, ModelSpec, MoEConfig, MSAConfig,
@@ -17,7 +18,7 @@ from .model import (GQAConfig, LayerSpec, LinearAttnConfig, MLAConfig, ModelSpec
 
 HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text", "kimi_linear", "minimax_m3", "gemma4_text",
                    "cohere", "cohere2", "mimo_v2", "mimo_v2_flash", "inkling")
-DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPES = ("fp32", "bf16", "fp16")              # what hybrid configs store weights and states in
 # Keys these families' configs carry that change neither cache nor the weights tierlm counts
 # (activation, norm and gating flavours, training-only and multimodal settings).
 IGNORED = ("attention_bias", "attn_output_gate", "output_gate_type", "full_attention_interval", "mtp_use_dedicated_embeddings",
@@ -56,10 +57,15 @@ def _types(f: Fields, key: str, n: int, names: dict[str, str]) -> list[str]:
     return [names[t] for t in types]
 
 
+def _state_dtype(name: str) -> str:
+    """A recurrent state's dtype name; fp32 for anything hybrid configs do not store states in."""
+    return canonical(name) if canonical(name) in DTYPES else "fp32"
+
+
 def _dtype(f: Fields) -> str:
     name = f.raw("torch_dtype", "bfloat16", aliases=("dtype",))
-    _check(name in DTYPES, f"field 'torch_dtype' must be bfloat16, float16 or float32, got {name!r}")
-    return DTYPES[name]
+    _check(canonical(name) in DTYPES, f"field 'torch_dtype' must be bfloat16, float16 or float32, got {name!r}")
+    return canonical(name)
 
 
 def parse_hybrid(f: Fields, family: str, name: str, quant) -> ModelSpec:
@@ -105,7 +111,7 @@ def _qwen35(f: Fields, family: str, n: int) -> dict:
     kinds = _types(f, "layer_types", n, {"linear_attention": "linear", "full_attention": "full"})
     linear = LinearAttnConfig("gdn", f.int("linear_num_key_heads"), f.int("linear_key_head_dim"),
                               f.int("linear_num_value_heads"), f.int("linear_value_head_dim"),
-                              f.int("linear_conv_kernel_dim"), DTYPES.get(f.str("mamba_ssm_dtype", "float32"), "fp32"))
+                              f.int("linear_conv_kernel_dim"), _state_dtype(f.str("mamba_ssm_dtype", "float32")))
     _check(linear.conv_kernel >= 2, "field 'linear_conv_kernel_dim' must be >= 2")
     gqa = _gqa(f, qk_norm="head")
     moe, ffn, dense = None, ["dense"] * n, None
