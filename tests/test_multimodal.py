@@ -25,20 +25,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import test_model_deepseek as ds  # noqa: E402
-from test_model_gemma3 import BASE, CONFIGS, _tiny_wrapper  # noqa: E402
+from test_model_gemma3 import BASE, CONFIGS, _one_thread, _tiny_wrapper  # noqa: E402,F401  (autouse fixture)
 from tierlm import LLM, SamplingParams  # noqa: E402
 from tierlm.model import load  # noqa: E402
 from tierlm.model.loader import unwrap_name  # noqa: E402
 
 T = transformers
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gemma3_wrapper(tmp_path):
