@@ -99,5 +99,18 @@ def test_console_example(path: Path, line: str, tmp_path: Path, monkeypatch: pyt
 @pytest.mark.parametrize("path,code", python_cases())
 def test_python_example(path: Path, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
+    server = None
+    if "REDIS_URL" in code:                   # an example of the remote tier: a live Redis for it
+        from redis_server import live_url
+        url, server = live_url(tmp_path)
+        monkeypatch.setenv("REDIS_URL", url)
+    try:
+        _run_example(path, code)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_example(path: Path, code: str) -> None:
     namespace: dict = {"__name__": "__docs_example__"}
     exec(compile(code, f"{_label(path)} (python block)", "exec"), namespace)

@@ -163,13 +163,17 @@ def _engine(model: str, dtype: Optional[str], device: Optional[str], kv_dtype: s
 
 
 def _tier_options(cache_dir: Optional[str], kv_tiers: Optional[str], host_cache: Optional[str],
-                  disk_cache: Optional[str], tier_policy: str, tier_write: str = "through") -> dict:
-    """LLM keyword arguments of the --cache-dir / --kv-tiers / --host-cache / --disk-cache options."""
-    from .units import parse_bytes
+                  disk_cache: Optional[str], tier_policy: str, tier_write: str = "through",
+                  remote_cache: Optional[str] = None, cache_ttl: Optional[str] = None) -> dict:
+    """LLM keyword arguments of the --cache-dir / --kv-tiers / --host-cache / --disk-cache /
+    --remote-cache / --cache-ttl options."""
+    from .units import parse_bytes, parse_seconds
     return {"cache_dir": cache_dir, "tier_policy": tier_policy, "tier_write": tier_write,
             "kv_tiers": tuple(t.strip() for t in kv_tiers.split(",") if t.strip()) if kv_tiers else None,
             "host_cache_bytes": parse_bytes(host_cache, "--host-cache") if host_cache else None,
-            "disk_cache_bytes": parse_bytes(disk_cache, "--disk-cache") if disk_cache else None}
+            "disk_cache_bytes": parse_bytes(disk_cache, "--disk-cache") if disk_cache else None,
+            "remote_cache_bytes": parse_bytes(remote_cache, "--remote-cache") if remote_cache else None,
+            "cache_ttl_s": parse_seconds(cache_ttl, "--cache-ttl") if cache_ttl else None}
 
 
 def _offload_options(experts_on: str, device_experts: Optional[str], engram_on: str) -> dict:
@@ -184,9 +188,14 @@ EXPERTS_ON = typer.Option("device", "--experts-on", help="device | host | disk (
 DEVICE_EXPERTS = typer.Option(None, "--device-experts", help="Device budget for resident experts, e.g. 2GiB "
                               "(default: half of the routed experts).")
 ENGRAM_ON = typer.Option("device", "--engram-on", help="device | host | disk: where Engram tables live")
-KV_TIERS = typer.Option(None, "--kv-tiers", help="host,disk (default: host, plus disk with --cache-dir).")
+KV_TIERS = typer.Option(None, "--kv-tiers", help="host,disk[,redis://host:port/db] (default: host, plus disk "
+                        "with --cache-dir); a Redis URL last adds a store shared by many engines.")
 HOST_CACHE = typer.Option(None, "--host-cache", help="Host KV tier budget, e.g. 8GiB.")
 DISK_CACHE = typer.Option(None, "--disk-cache", help="Disk KV tier budget, e.g. 100GiB.")
+REMOTE_CACHE = typer.Option(None, "--remote-cache", help="Remote KV tier budget of this model's blocks, shared by "
+                            "the engines using it, e.g. 64GiB (default 64GiB).")
+CACHE_TTL = typer.Option(None, "--cache-ttl", help="How long a block stays on disk / in the remote store after "
+                         "its last use, e.g. 6h (the default), 30m, 3600.")
 TIER_POLICY = typer.Option("auto", "--tier-policy", help="auto | reload | recompute")
 TIER_WRITE = typer.Option("through", "--tier-write", help="through: blocks go to disk at once | back: when the "
                           "host tier evicts them or the engine stops")
@@ -212,6 +221,8 @@ def generate(
     kv_tiers: Optional[str] = KV_TIERS,
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
+    remote_cache: Optional[str] = REMOTE_CACHE,
+    cache_ttl: Optional[str] = CACHE_TTL,
     tier_policy: str = TIER_POLICY,
     tier_write: str = TIER_WRITE,
     experts_on: str = EXPERTS_ON,
@@ -235,7 +246,8 @@ def generate(
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                                 seed=seed, ignore_eos=ignore_eos)
         llm = _engine(model, dtype, device, kv_dtype, max_model_len,
-                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write),
+                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write,
+                                     remote_cache, cache_ttl),
                        **_offload_options(experts_on, device_experts, engram_on)})
         t0 = time.perf_counter()
         shown, out = "", None
@@ -283,6 +295,8 @@ def bench(
     kv_tiers: Optional[str] = KV_TIERS,
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
+    remote_cache: Optional[str] = REMOTE_CACHE,
+    cache_ttl: Optional[str] = CACHE_TTL,
     tier_policy: str = TIER_POLICY,
     tier_write: str = TIER_WRITE,
     experts_on: str = EXPERTS_ON,
@@ -300,7 +314,8 @@ def bench(
                 raise TierlmError(f"{name} must be >= 1, got {v}")
         from .runtime import bench as b
         llm = _engine(model, dtype, device, kv_dtype, None,
-                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write),
+                      {**_tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write,
+                                     remote_cache, cache_ttl),
                        **_offload_options(experts_on, device_experts, engram_on)},
                       max_num_seqs=batch, max_num_batched_tokens=max(512, context))
         res = b.prefill(llm, batch, context) if mode == "prefill" else b.decode(llm, batch, context, tokens)
@@ -384,16 +399,20 @@ def demo(
 @app.command()
 def cache(
     action: str = typer.Argument(..., help="ls | stats | verify | clear"),
-    directory: str = typer.Argument(..., help="A cache directory (LLM(cache_dir=...), --cache-dir)."),
+    directory: str = typer.Argument(..., help="A cache directory (LLM(cache_dir=...), --cache-dir) or a remote "
+                                    "store's URL (redis://host:port/db)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Inspect or clear a disk tier: blocks per model, bytes, ages; verify re-checks every checksum."""
+    """Inspect or clear a disk or remote tier: blocks per model, bytes, ages; verify re-checks every checksum."""
     import time
+    from .tiers.remote import is_remote
     from .tiers.segment import SegmentStore
     from .units import fmt_bytes
     try:
         if action not in ("ls", "stats", "verify", "clear"):
             raise TierlmError(f"action must be ls, stats, verify or clear, got {action!r}")
+        if is_remote(directory):
+            return _remote_cache(action, directory, as_json)
         store = SegmentStore(directory, budget_bytes=1 << 62, read_only=action != "clear")
         if action == "clear":
             n = len(store.index)
@@ -436,6 +455,43 @@ def cache(
                   f"{usage.get('recomputes', 0):,} recomputes; hit tokens " + ", ".join(f"{k} {v:,}" for k, v in hits.items()))
         if action == "verify":
             print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (dropped from the index)")
+    if action == "verify" and result["bad"]:
+        raise typer.Exit(1)
+
+
+def _remote_cache(action: str, url: str, as_json: bool) -> None:
+    """`tierlm cache ACTION redis://...`: the models' namespaces on a shared store."""
+    import time
+    from .tiers import remote
+    from .units import fmt_bytes
+    shown = remote.redact(url)
+    try:
+        import redis
+        try:
+            if action == "clear":
+                print(f"removed {remote.clear(url)} blocks from {shown}")
+                return
+            models = remote.namespaces(url)
+            result = {"url": shown, "blocks": sum(m["blocks"] for m in models),
+                      "bytes": sum(m["bytes"] for m in models), "models": models}
+            if action == "verify":
+                result["good"], result["bad"] = remote.verify(url)
+        except redis.RedisError as e:
+            raise TierlmError(f"remote store {shown}: {type(e).__name__}: {e}") from None
+    except TierlmError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        print(json.dumps(result))
+    else:
+        now = time.time()
+        print(f"{shown}: {result['blocks']:,} blocks, {fmt_bytes(result['bytes'])} in {len(models)} models")
+        for m in models:
+            ages = (f", last used {(now - m['newest']) / 60:.0f}-{(now - m['oldest']) / 60:.0f} min ago"
+                    if m["newest"] is not None else "")
+            print(f"  {m['model']} ({m['fingerprint'][:12]}): {m['blocks']:,} blocks, {fmt_bytes(m['bytes'])}{ages}")
+        if action == "verify":
+            print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (deleted)")
     if action == "verify" and result["bad"]:
         raise typer.Exit(1)
 

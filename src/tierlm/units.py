@@ -79,3 +79,15 @@ def parse_bytes(text: str, what: str = "size") -> int:
     if not m or unit is None:
         raise TierlmError(f"{what} must be a byte size such as 8GiB, 100GB or 4096, got {text!r}")
     return int(float(m.group(1)) * unit)
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds(text: str, what: str = "duration") -> float:
+    """'6h', '30m', '90s', '3600' -> seconds (> 0)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    unit = m and _SECONDS.get(m.group(2))
+    if not m or unit is None or float(m.group(1)) <= 0:
+        raise TierlmError(f"{what} must be a positive duration such as 6h, 30m or 3600, got {text!r}")
+    return float(m.group(1)) * unit

@@ -38,7 +38,8 @@ class LLM:
                  reference: str = "official", cache_dir: str | os.PathLike | None = None,
                  kv_tiers: tuple[str, ...] | list[str] | None = None, host_cache_bytes: int | None = None,
                  disk_cache_bytes: int | None = None, tier_policy: str = "auto", experts_on: str = "device",
-                 device_expert_bytes: int | None = None, engram_on: str = "device", tier_write: str = "through"):
+                 device_expert_bytes: int | None = None, engram_on: str = "device", tier_write: str = "through",
+                 remote_cache_bytes: int | None = None, cache_ttl_s: float | None = None):
         from ..model import load
         if reference not in REFERENCES:
             raise TierlmError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
@@ -95,7 +96,7 @@ class LLM:
         self.store = None
         if cache_dir is not None or host_cache_bytes is not None or kv_tiers:
             self.store = self._tiers(pools, root, cache_dir, kv_tiers, host_cache_bytes, disk_cache_bytes,
-                                     tier_policy, tier_write, enable_prefix_caching)
+                                     tier_policy, tier_write, enable_prefix_caching, remote_cache_bytes, cache_ttl_s)
         self.manager = CacheManager(pools, root, enable_prefix_caching,
                                     keep_last_block=self.speculator is not None, store=self.store)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=reserve)
@@ -106,20 +107,24 @@ class LLM:
         self._requests: dict[str, list[Sequence]] = {}
         self._counter = 0
 
-    def _tiers(self, pools, root, cache_dir, kv_tiers, host_bytes, disk_bytes, policy, write, prefix_caching):
-        """The host / disk tiers under the pools (`tierlm.tiers`)."""
+    def _tiers(self, pools, root, cache_dir, kv_tiers, host_bytes, disk_bytes, policy, write, prefix_caching,
+               remote_bytes, ttl_s):
+        """The host / disk / remote tiers under the pools (`tierlm.tiers`)."""
         from ..tiers import TierStore
         if not prefix_caching:
             raise TierlmError("kv tiers store prefix blocks: they need enable_prefix_caching=True")
         if self.speculator is not None:
             raise TierlmError("kv tiers with speculative decoding are not supported yet")
+        if isinstance(kv_tiers, str):
+            kv_tiers = [t.strip() for t in kv_tiers.split(",") if t.strip()]
         tiers = tuple(kv_tiers) if kv_tiers else (("host", "disk") if cache_dir is not None else ("host",))
         if host_bytes is None:
             host_bytes = min(4 << 30, _memory_budget(torch.device("cpu")) // 2)
         if disk_bytes is None and cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             disk_bytes = min(64 << 30, shutil.disk_usage(cache_dir).free // 2)
-        store = TierStore(self.spec, pools, root, tiers, cache_dir, host_bytes, disk_bytes or 0, policy, write=write)
+        store = TierStore(self.spec, pools, root, tiers, cache_dir, host_bytes, disk_bytes or 0, policy, ttl_s=ttl_s,
+                          write=write, remote_bytes=64 << 30 if remote_bytes is None else remote_bytes)
         ref = weakref.ref(self)                      # blocks still queued reach the disk on exit
         atexit.register(lambda: ref() is not None and ref().close())
         return store
@@ -205,7 +210,7 @@ class LLM:
                 **self._tier_stats()}
 
     def _tier_stats(self) -> dict:
-        by_tier = {"device": 0, "host": 0, "disk": 0, **self.manager.hit_by_tier}
+        by_tier = {"device": 0, "host": 0, "disk": 0, "remote": 0, **self.manager.hit_by_tier}
         if self.store is None:
             return {"prefix_hit_tokens_by_tier": by_tier}
         return {"prefix_hit_tokens_by_tier": by_tier,
@@ -214,7 +219,8 @@ class LLM:
                 "blocks_stored": self.store.stats["stored"], "blocks_prefetched": self.store.stats["prefetched"],
                 "reload_seconds": self.store.stats["reload_seconds"],
                 "corrupt_blocks_dropped": self.store.corrupt(),
-                "disk_full": self.store.stats["disk_full"]}
+                "disk_full": self.store.stats["disk_full"],
+                "remote_errors": self.store.remote.stats["errors"] if self.store.remote is not None else 0}
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:

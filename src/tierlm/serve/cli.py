@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..cli import CACHE_DIR, DISK_CACHE, HOST_CACHE, KV_TIERS, TIER_POLICY, TIER_WRITE, _fail, _tier_options, err
+from ..cli import (CACHE_DIR, CACHE_TTL, DISK_CACHE, HOST_CACHE, KV_TIERS, REMOTE_CACHE, TIER_POLICY, TIER_WRITE, _fail,
+                   _tier_options, err)
 from ..errors import TierlmError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -41,6 +42,8 @@ def serve(
     kv_tiers: Optional[str] = KV_TIERS,
     host_cache: Optional[str] = HOST_CACHE,
     disk_cache: Optional[str] = DISK_CACHE,
+    remote_cache: Optional[str] = REMOTE_CACHE,
+    cache_ttl: Optional[str] = CACHE_TTL,
     tier_policy: str = TIER_POLICY,
     tier_write: str = TIER_WRITE,
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug | info | warning | error"),
@@ -71,7 +74,8 @@ def serve(
             _set_threads(threads)
             from ..cli import _engine
             llm = _engine(model, dtype, device, kv_dtype, max_model_len,
-                          _tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write),
+                          _tier_options(cache_dir, kv_tiers, host_cache, disk_cache, tier_policy, tier_write,
+                                        remote_cache, cache_ttl),
                           max_num_seqs=max_num_seqs)
         app = create_app(llm, model_name=served_model_name or model, api_key=api_key, max_queue=max_queue,
                          max_request_bytes=body_limit, max_tokens_limit=max_tokens_limit,

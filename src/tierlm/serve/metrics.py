@@ -9,7 +9,7 @@ from collections import deque
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host", "disk", "remote")
 RATE_WINDOW_S = 10.0
 
 
@@ -141,8 +141,11 @@ class Metrics:
             hits = stats.get("prefix_hit_tokens_by_tier") or {}
             metric("tierlm_prefix_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache, per tier.",
                    [({"tier": t}, hits.get(t, 0)) for t in TIERS])
-            metric("tierlm_kv_reloads_total", "counter", "Cached blocks reloaded from host or disk.",
+            metric("tierlm_kv_reloads_total", "counter", "Cached prefixes reloaded from host, disk or the remote store.",
                    [(None, stats.get("reloads", 0))])
+            if "remote" in (stats.get("tier_bytes") or {}):
+                metric("tierlm_kv_remote_errors_total", "counter", "Remote store calls that failed (down, slow, full).",
+                       [(None, stats.get("remote_errors", 0))])
             metric("tierlm_kv_recomputes_total", "counter", "Cached blocks recomputed instead of reloaded.",
                    [(None, stats.get("recomputes", 0))])
             metric("tierlm_preemptions_total", "counter", "Sequences preempted for lack of cache blocks.",

@@ -4,12 +4,13 @@ window, compressed entries, compressor state), keyed by the engine's prefix hash
 
 `save` snapshots a block the moment the engine names it (while every group still holds it:
 window blocks are freed right after) into one contiguous uint8 payload and puts it in the host
-tier. A background writer appends it to the disk at once (write-through) or when the host
-tier evicts it or the engine closes (write-back), chained blocks coalesced into one record,
-so decode never waits on the disk. `prefetch` reads a queued request's disk-only blocks on
+tier. A background writer appends it to the disk and the remote store (`remote`, a Redis
+server shared by many engines) at once (write-through) or when the host tier evicts it or the
+engine closes (write-back), chained blocks coalesced into one disk record, so decode never
+waits on either. `prefetch` reads a queued request's disk-only and remote-only blocks on
 another thread while the engine computes; `load` returns payloads from the host tier, the
-prefetched ones or the disk (verified, then promoted to host); `restore` copies one group's
-part of a payload into freshly allocated pages.
+prefetched ones, the disk or the remote store (verified, then promoted to the tiers above);
+`restore` copies one group's part of a payload into freshly allocated pages.
 
 Policy: a hit found only below the device is reloaded when the planner's cost model says
 reloading beats recomputing: reload = the tier's latency + bytes / its read bandwidth, recompute =
@@ -20,6 +21,8 @@ prefill step the engine runs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
 import time
@@ -31,9 +34,10 @@ import torch
 
 from ..errors import TierlmError
 from ..runtime.blocks import block_hash
-from .segment import RUN_BYTES, SegmentStore
+from .remote import RemoteTier, is_remote
+from .segment import DEFAULT_TTL_S, RUN_BYTES, SegmentStore
 
-TIERS = ("host", "disk")
+TIERS = ("host", "disk")                   # and, last, a remote store's URL (redis://...)
 DISK_READ_GUESS = 2e9      # bytes/s a disk reload is assumed to read at until one is measured
 POLICIES = ("auto", "reload", "recompute")
 WRITES = ("through", "back")
@@ -79,8 +83,9 @@ class Rate:
 
 
 class TierStore:
-    # seconds a reload pays before its first byte (a disk read's seek and syscalls), so that a
-    # prefix of a block or two is recomputed: prefill cost and reload bytes both grow linearly
+    # seconds a reload pays before its first byte (a disk read's seek and syscalls; a remote
+    # store's measured round trip), so that a prefix of a block or two is recomputed: prefill
+    # cost and reload bytes both grow linearly
     LATENCY = {"host": 0.0, "disk": 2e-4}
     # besides the last block of every sequence, every RESUME_EVERY-th block stores what window
     # streams need to resume after it: a hit resumes at the longest such point
@@ -91,20 +96,27 @@ class TierStore:
 
     def __init__(self, spec, pools, fingerprint: bytes, tiers=TIERS, cache_dir=None, host_bytes: int = 1 << 30,
                  disk_bytes: int = 64 << 30, policy: str = "auto", ttl_s: float | None = None,
-                 write: str = "through"):
+                 write: str = "through", remote_bytes: int = 64 << 30):
         tiers = tuple(tiers)
-        bad = [t for t in tiers if t not in TIERS]
+        bad = [t for t in tiers if t not in TIERS and not is_remote(t)]
         if bad:
-            raise TierlmError(f"kv_tiers may name {', '.join(TIERS)}, got {bad[0]!r}")
+            raise TierlmError(f"kv_tiers may name {', '.join(TIERS)} and a redis:// URL, got {bad[0]!r}")
+        urls = [t for t in tiers if is_remote(t)]
+        if len(urls) > 1 or (urls and tiers[-1] != urls[0]):
+            raise TierlmError("kv_tiers takes one remote store, last (host, disk, redis://...)")
         if policy not in POLICIES:
             raise TierlmError(f"tier_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if write not in WRITES:
             raise TierlmError(f"tier_write must be one of {', '.join(WRITES)}, got {write!r}")
         if "disk" in tiers and cache_dir is None:
             raise TierlmError("the disk tier needs a cache_dir")
-        for name, v in (("host_cache_bytes", host_bytes), ("disk_cache_bytes", disk_bytes)):
+        for name, v in (("host_cache_bytes", host_bytes), ("disk_cache_bytes", disk_bytes),
+                        ("remote_cache_bytes", remote_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise TierlmError(f"{name} must be a non-negative integer, got {v!r}")
+        ttl_s = DEFAULT_TTL_S if ttl_s is None else ttl_s
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
+            raise TierlmError(f"cache_ttl_s must be a positive number of seconds, got {ttl_s!r}")
         self.spec, self.pools, self.fingerprint, self.policy = spec, pools, fingerprint, policy
         # payload layouts, pages in sorted (layer, stream) order: a block record holds one page of
         # each per-token stream (group 0); a resume record one page of each window stream for
@@ -119,34 +131,43 @@ class TierStore:
         layout = {"model": spec.name, "block_size": pools.block, "resume_every": self.RESUME_EVERY, "streams": [
             {"layer": k[0], "stream": k[1], "group": self.group[k], "dtype": str(pools.pages[k].dtype),
              "shape": list(pools.pages[k].shape[1:]), "nbytes": self.sizes[k]} for k in self.keys]}
+        layout_json = json.dumps(layout, sort_keys=True).encode()
+        self.layout_id = hashlib.sha256(layout_json).digest()
         device = next(iter(pools.pages.values())).device
         # write-back: blocks wait in the host tier (self._dirty) until it evicts them or close()
-        self.write_back = write == "back" and "host" in tiers and "disk" in tiers
+        self.write_back = write == "back" and "host" in tiers and ("disk" in tiers or bool(urls))
         self._dirty: dict[bytes, tuple[bytes, tuple, str]] = {}     # key -> (parent, tokens, stream)
+        self._from_remote: set[bytes] = set()    # remote hits on their way to the disk: not sent back
         self.host = (HostTier(host_bytes, pin=device.type == "cuda", evicted=self._evicted if self.write_back else None)
                      if "host" in tiers else None)
         self.disk = None
         if "disk" in tiers:
-            kw = {} if ttl_s is None else {"ttl_s": ttl_s}
-            self.disk = SegmentStore(Path(cache_dir), disk_bytes, **kw)
+            self.disk = SegmentStore(Path(cache_dir), disk_bytes, ttl_s=ttl_s)
             try:
-                self.layout_id = self.disk.put_layout(layout)
+                self.disk.put_layout(layout)
             except OSError as e:
                 self.disk.full = True
                 warnings.warn(f"cannot write to cache directory {cache_dir} ({e.strerror or e}): the disk tier "
                               "only serves what it already holds", RuntimeWarning, stacklevel=2)
+        self.remote = (RemoteTier(urls[0], fingerprint, self.layout_id, remote_bytes, ttl_s, layout_json)
+                       if urls else None)
         self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "prefetched": 0, "disk_full": False,
                       "reload_seconds": 0.0}
         self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(DISK_READ_GUESS)}
+        self.latency = dict(self.LATENCY)
+        if self.remote is not None:
+            self.bandwidth["remote"] = Rate(self.remote.bandwidth)
+            self.latency["remote"] = self.remote.latency
         self.flops = Rate(_matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
         self._pending: list = []       # this step's blocks for the disk, queued together by end_step()
         self._writer = self._reader = None
-        self._ahead: OrderedDict[bytes, torch.Tensor] = OrderedDict()   # prefetched payloads, verified
+        # prefetched payloads, verified: key -> (tier, payload, (parent, tokens) of a remote one)
+        self._ahead: OrderedDict[bytes, tuple[str, torch.Tensor, tuple | None]] = OrderedDict()
         self._ahead_mu = threading.Lock()
         self._ahead_budget, self._ahead_bytes = host_bytes, 0
         self._fetch: queue.Queue = queue.Queue()
-        if self.disk is not None:
+        if self.disk is not None or self.remote is not None:
             self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
             self._writer.start()
             if policy != "recompute":
@@ -159,7 +180,22 @@ class TierStore:
             return "host"
         if self.disk is not None and self.disk.has(key):
             return "disk"
+        if self.remote is not None and key in self.remote.known:
+            return "remote"
         return None
+
+    def probe(self, chain: list[bytes]) -> None:
+        """Ask the remote store (one round trip) which of a prompt's blocks, and of the resume
+        records after them, it holds that the tiers above do not, so that `where` knows."""
+        if self.remote is not None and chain:
+            keys = [k for k in chain if self.where(k) in (None, "remote")]
+            if self.windows:
+                keys += [r for r in map(self.resume_key, chain) if self.where(r) in (None, "remote")]
+            self.remote.probe(keys)
+
+    def _lower(self) -> bool:
+        """Whether a stored block has somewhere to go below the host tier."""
+        return (self.disk is not None and not self.disk.full) or self.remote is not None
 
     def _pages(self, keys, block: int) -> list[torch.Tensor]:
         return [self.pools.pages[k][block].reshape(-1).view(torch.uint8) for k in keys]
@@ -168,7 +204,7 @@ class TierStore:
         payload = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.uint8)
         if self.write_back and payload.numel() <= self.host.budget:
             self._dirty[key] = (parent, tuple(tokens), stream)
-        elif self.disk is not None and not self.disk.full:
+        elif self._lower():
             self._pending.append((parent, key, tuple(tokens), payload, stream))
         if self.host is not None:
             self.host.put(key, payload)
@@ -177,7 +213,7 @@ class TierStore:
     def _evicted(self, key: bytes, payload: torch.Tensor) -> None:
         """Write-back: a block leaving the host tier goes to the disk writer."""
         meta = self._dirty.pop(key, None)
-        if meta is not None and not self.disk.full:
+        if meta is not None and self._lower():
             parent, tokens, stream = meta
             self._pending.append((parent, key, tokens, payload, stream))
 
@@ -243,6 +279,19 @@ class TierStore:
         return [(stream, blocks) for stream, blocks, _ in runs]
 
     def _write(self, stream: str, blocks: list) -> None:
+        if self.disk is not None and not self.disk.full:
+            self._write_disk(stream, blocks)
+        if self.remote is not None:
+            try:
+                self.remote.put_many([b for b in blocks if b[0] not in self._from_remote])
+                self._from_remote.difference_update(b[0] for b in blocks)
+            except Exception as e:                  # a Redis error is handled inside; anything else too
+                if not self.stats.get("remote_error"):
+                    self.stats["remote_error"] = str(e)
+                    warnings.warn(f"remote tier write failed ({e}); continuing without it", RuntimeWarning,
+                                  stacklevel=1)
+
+    def _write_disk(self, stream: str, blocks: list) -> None:
         try:
             if not self.disk.put_run(self.fingerprint, self.layout_id, blocks, stream):
                 if self.disk.full and not self.stats["disk_full"]:
@@ -283,60 +332,80 @@ class TierStore:
             except OSError:
                 pass
             self.disk.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, chain: list[bytes], start: int = 0) -> None:
-        """Read ahead, on the prefetch thread, the disk-only blocks of a queued request's prefix
-        chain after its first `start` blocks (held on the device) and the resume record of its
-        longest stored part, so that its reload (when it is scheduled, while other requests
-        compute meanwhile) finds them verified in RAM."""
-        if self._reader is None:
-            return
-        keys = []
-        for k in chain[start:]:
-            if self.where(k) is None:
-                break
-            if self.where(k) == "disk":
-                keys.append(k)
-        resume = next((r for r in map(self.resume_key, reversed(chain)) if self.where(r) == "disk"), None)
-        if self.windows and resume is not None:
-            keys.append(resume)
-        if keys:
-            self._fetch.put(keys)
+        """Read ahead, on the prefetch thread, the disk-only and remote-only blocks of a queued
+        request's prefix chain after its first `start` blocks (held on the device) and the
+        resume record of its longest stored part, so that its reload (when it is scheduled,
+        while other requests compute meanwhile) finds them verified in RAM."""
+        if self._reader is not None:
+            self._fetch.put((chain, start))
 
     def _fetch_loop(self) -> None:
         while True:
-            keys = self._fetch.get()
+            job = self._fetch.get()
             try:
-                if keys is None:
+                if job is None:
                     return
-                self._read_ahead(keys)
+                self._read_ahead(*job)
             except Exception:                       # a failed read-ahead only means a later synchronous read
                 pass
             finally:
                 self._fetch.task_done()
 
-    def _read_ahead(self, keys: list[bytes]) -> None:
-        start = time.perf_counter()
-        got = self.disk.get_many(keys, self.fingerprint)
-        total = 0
-        with self._ahead_mu:
-            for k, body in zip(keys, got):
-                if body is None or k in self._ahead:
-                    continue
-                self._ahead[k] = torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(
-                    0, dtype=torch.uint8)
-                total += len(body)
-                self.stats["prefetched"] += 1
-            self._ahead_bytes += total
-            while self._ahead_bytes > self._ahead_budget:
-                self._ahead_bytes -= self._ahead.popitem(last=False)[1].numel()
-        self.bandwidth["disk"].add(total, time.perf_counter() - start)
+    def _read_ahead(self, chain: list[bytes], start: int) -> None:
+        self.probe(chain[start:])
+        keys = []
+        for k in chain[start:]:
+            t = self.where(k)
+            if t is None:
+                break
+            if t != "host":
+                keys.append(k)
+        resume = next((r for r in map(self.resume_key, reversed(chain)) if self.where(r) is not None), None)
+        if self.windows and resume is not None and self.where(resume) != "host":
+            keys.append(resume)
+        for tier, got in self._read(keys).items():
+            total = 0
+            with self._ahead_mu:
+                for k, (t, meta) in got.items():
+                    if k not in self._ahead:
+                        self._ahead[k] = (tier, t, meta)
+                        total += t.numel()
+                        self.stats["prefetched"] += 1
+                self._ahead_bytes += total
+                while self._ahead_bytes > self._ahead_budget:
+                    self._ahead_bytes -= self._ahead.popitem(last=False)[1][1].numel()
+
+    def _read(self, keys: list[bytes]) -> dict[str, dict[bytes, tuple[torch.Tensor, tuple | None]]]:
+        """{tier: {key: (payload, (parent, tokens) of a remote one)}} of the keys the disk or
+        the remote store hold, verified; each tier's bandwidth estimate learns from the read."""
+        out: dict[str, dict] = {"disk": {}, "remote": {}}
+        on_disk = [k for k in keys if self.disk is not None and self.disk.has(k)]
+        if on_disk:
+            start = time.perf_counter()
+            for k, body in zip(on_disk, self.disk.get_many(on_disk, self.fingerprint)):
+                if body is not None:
+                    out["disk"][k] = (_tensor(body), None)
+            self.bandwidth["disk"].add(sum(t.numel() for t, _ in out["disk"].values()), time.perf_counter() - start)
+        rest = [k for k in keys if k not in out["disk"]]
+        if self.remote is not None and rest:
+            start = time.perf_counter()
+            for k, got in zip(rest, self.remote.get_many(rest)):
+                if got is not None:
+                    parent, tokens, body = got
+                    out["remote"][k] = (_tensor(body), (parent, tokens))
+            self.bandwidth["remote"].add(sum(t.numel() for t, _ in out["remote"].values()), time.perf_counter() - start)
+        return out
 
     # ------------------------------------------------------------------ load
     def load(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, tuple[str, torch.Tensor]]:
         """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
-        the expected size."""
+        the expected size; what came from below the host tier is promoted (to host, and a
+        remote hit to disk too)."""
         start = time.perf_counter()
         out = {}
         missing = []
@@ -346,30 +415,34 @@ class TierStore:
                 out[k] = ("host", t)
                 continue
             with self._ahead_mu:
-                t = self._ahead.pop(k, None)
-                self._ahead_bytes -= t.numel() if t is not None else 0
-            if t is not None and t.numel() == n:
-                out[k] = ("disk", t)                # read from disk ahead of time
-                if self.host is not None:
-                    self.host.put(k, t)
+                ahead = self._ahead.pop(k, None)
+                self._ahead_bytes -= ahead[1].numel() if ahead is not None else 0
+            if ahead is not None and ahead[1].numel() == n:
+                self._promote(k, *ahead)
+                out[k] = ahead[:2]                  # read ahead of time
             else:
                 missing.append((k, n))
-        if missing and self.disk is not None:
-            self.end_step()                         # a block may still be on its way to the disk
+        if missing and (self.disk is not None or self.remote is not None):
+            self.end_step()                         # a block may still be on its way down
             self._queue.join()
             start = time.perf_counter()
-            got = self.disk.get_many([k for k, _ in missing], self.fingerprint)
-            total = 0
-            for (k, n), body in zip(missing, got):
-                if body is not None and len(body) == n:
-                    t = torch.frombuffer(body, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-                    out[k] = ("disk", t)
-                    total += n
-                    if self.host is not None:
-                        self.host.put(k, t)
-            self.bandwidth["disk"].add(total, time.perf_counter() - start)
+            sizes_of = dict(missing)
+            for tier, got in self._read([k for k, _ in missing]).items():
+                for k, (t, meta) in got.items():
+                    if t.numel() == sizes_of[k]:
+                        self._promote(k, tier, t, meta)
+                        out[k] = (tier, t)
         self.stats["reload_seconds"] += time.perf_counter() - start
         return out
+
+    def _promote(self, key: bytes, tier: str, payload: torch.Tensor, meta: tuple | None) -> None:
+        """Put a block read from a lower tier in the host tier; a remote one also on disk."""
+        if self.host is not None:
+            self.host.put(key, payload)
+        if tier == "remote" and self.disk is not None and not self.disk.full and not self.disk.has(key):
+            parent, tokens = meta
+            self._from_remote.add(key)
+            self._pending.append((parent, key, tokens, payload, "blocks" if tokens else "resume"))
 
     def restore(self, payloads: list[torch.Tensor], blocks: list[int]) -> None:
         """Copy block payloads into physical blocks `blocks` of group 0 (one copy per stream)."""
@@ -412,7 +485,7 @@ class TierStore:
         """Whether reading these bytes from their tiers is faster than `flops` of prefill."""
         if self.policy != "auto":
             return self.policy == "reload"
-        reload = sum(self.LATENCY[t] + n / self.bandwidth[t].value for t, n in tier_bytes.items())
+        reload = sum(self.latency[t] + n / self.bandwidth[t].value for t, n in tier_bytes.items())
         return reload < flops / self.flops.value
 
     def recompute_flops(self, start: int, end: int) -> float:
@@ -421,12 +494,22 @@ class TierStore:
         return prefill_flops(self.spec, end) - prefill_flops(self.spec, start)
 
     def corrupt(self) -> int:
-        """Records dropped because they failed verification (torn tails at start included)."""
-        return self.disk.corrupt if self.disk is not None else 0
+        """Records dropped because they failed verification (torn tails at start included, and
+        remote values)."""
+        return ((self.disk.corrupt if self.disk is not None else 0)
+                + (self.remote.stats["corrupt"] if self.remote is not None else 0))
 
     def bytes_by_tier(self) -> dict[str, int]:
-        return {"host": self.host.bytes if self.host is not None else 0,
-                "disk": self.disk.nbytes() if self.disk is not None else 0}
+        out = {"host": self.host.bytes if self.host is not None else 0,
+               "disk": self.disk.nbytes() if self.disk is not None else 0}
+        if self.remote is not None:
+            out["remote"] = self.remote.nbytes()
+        return out
+
+
+def _tensor(body) -> torch.Tensor:
+    """A uint8 tensor over a payload's bytes (no copy)."""
+    return torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
 
 
 def _host_copy_rate() -> float:

@@ -1,0 +1,172 @@
+"""Benchmark: the remote (Redis) KV tier against recomputing and against redis-benchmark.
+
+1. Time to first token of a --context-token prompt: recomputed (no tiers) vs reloaded from the
+   remote tier by a fresh engine that has no host or disk copy (its own process state is new;
+   the blocks come over the socket, verified), on the demo model and a random tiny V4. Median
+   of --repeat.
+2. Block throughput: `RemoteTier.put_many` / `get_many` (values verified on read) of --blocks
+   blocks of the demo model's block size, vs `redis-benchmark -t set,get` with the same value
+   size on the same server, pipelined (-P 16, 4 clients, its best configuration here) and with
+   its defaults (50 clients, no pipelining). Median of --repeat, alternating.
+
+The server is a redis-server started by this script on loopback (no persistence), or --url.
+
+    python benchmarks/bench_remote.py [--context 32768] [--blocks 20000] [--repeat 3] [--url redis://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_engine  # noqa: E402
+import redis  # noqa: E402
+from bench_tiers import FIRST, prompt  # noqa: E402
+from tierlm import LLM  # noqa: E402
+from tierlm.runtime.blocks import block_hash  # noqa: E402
+from tierlm.tiers.remote import RemoteTier  # noqa: E402
+from tierlm.train import demo  # noqa: E402
+
+
+def start_server(tmp: Path) -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", proc
+
+
+def ttft(path, url: str, ids: list[int], repeat: int) -> dict:
+    kw = dict(max_model_len=len(ids) + 8, max_num_seqs=1)
+    plain = LLM(path, **kw)
+    start = time.perf_counter()
+    plain.generate({"prompt_token_ids": ids}, FIRST)
+    recompute = time.perf_counter() - start
+    del plain
+    fill = LLM(path, kv_tiers=("host", url), tier_policy="recompute", **kw)
+    fill.generate({"prompt_token_ids": ids}, FIRST)
+    fill.close()
+    times, hits = [], None
+    for _ in range(repeat):
+        llm = LLM(path, kv_tiers=("host", url), tier_policy="reload", **kw)
+        start = time.perf_counter()
+        llm.generate({"prompt_token_ids": ids}, FIRST)
+        times.append(time.perf_counter() - start)
+        stats = llm.stats()
+        hits = stats["prefix_hit_tokens_by_tier"]["remote"]
+        remote_bytes = stats["tier_bytes"]["remote"]
+        llm.close()
+    reload = statistics.median(times)
+    return {"recompute_ttft_s": recompute, "reload_ttft_s": reload, "ttft_ratio": recompute / reload,
+            "remote_hit_tokens": hits, "remote_bytes": remote_bytes}
+
+
+def redis_benchmark(url: str, size: int, n: int, extra: list[str]) -> dict[str, float]:
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    out = subprocess.run(["redis-benchmark", "-p", port, "-t", "set,get", "-d", str(size), "-n", str(n), "--csv",
+                          *extra], capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines()[1:]:
+        cells = [c.strip('"') for c in line.split(",")]
+        rows[cells[0].lower()] = float(cells[1])
+    return rows
+
+
+def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
+    """Blocks/s of the remote tier's own writes and verified reads, vs redis-benchmark."""
+    fp, layout = os.urandom(32), os.urandom(32)
+    tier = RemoteTier(url, fp, layout, budget=1 << 40, ttl_s=3600)
+    body = os.urandom(payload)
+    items, parent = [], fp
+    for i in range(blocks):
+        tokens = tuple(range(i * 16, i * 16 + 16))
+        key = block_hash(parent, tokens)
+        items.append((key, parent, tokens, body))
+        parent = key
+    value = 0
+    ours_set, ours_get, bench_p, bench_d = [], [], [], []
+    for _ in range(repeat):
+        redis.Redis.from_url(url).flushdb()
+        start = time.perf_counter()
+        tier.put_many(items)
+        ours_set.append(blocks / (time.perf_counter() - start))
+        keys = [k for k, *_ in items]
+        start = time.perf_counter()
+        got = tier.get_many(keys)
+        ours_get.append(blocks / (time.perf_counter() - start))
+        assert all(g is not None for g in got)
+        value = len(redis.Redis.from_url(url).get(tier.key(keys[0])))
+        bench_p.append(redis_benchmark(url, value, blocks, ["-P", "16", "-c", "4"]))
+        bench_d.append(redis_benchmark(url, value, blocks, []))
+    tier.close()
+
+    def med(rows, op):
+        return statistics.median(r[op] for r in rows)
+
+    return {"value_bytes": value, "blocks": blocks, "set_per_s": statistics.median(ours_set),
+            "get_per_s": statistics.median(ours_get), "bench_pipelined_set": med(bench_p, "set"),
+            "bench_pipelined_get": med(bench_p, "get"), "bench_default_set": med(bench_d, "set"),
+            "bench_default_get": med(bench_d, "get")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--blocks", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--url", default=None, help="an existing server (default: start one)")
+    ap.add_argument("--models", default="demo,tiny-v4", help="which of demo,tiny-v4 to run")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    url, proc = (args.url, None) if args.url else start_server(tmp)
+    results = {}
+    try:
+        makers = {"demo": lambda: demo.build(demo.DemoSettings())[0],
+                  "tiny-v4": lambda: bench_engine.make_v4(tmp, max_position=65536)}
+        payload = None
+        for name in args.models.split(","):
+            path = makers[name]()
+            ids = prompt(path, args.context)
+            r = results[name] = ttft(path, url, ids, args.repeat)
+            if payload is None:
+                llm = LLM(path, kv_tiers=("host",), max_model_len=64)
+                payload = llm.store.payload_bytes
+                del llm
+            print(f"{name}: {args.context:,}-token prefix, {r['remote_bytes'] / 2**20:.2f} MiB in Redis: TTFT "
+                  f"recompute {r['recompute_ttft_s']:.2f} s vs reload from the remote tier {r['reload_ttft_s']:.3f} s "
+                  f"({r['remote_hit_tokens']:,} tokens from Redis): {r['ttft_ratio']:.1f}x")
+        t = results["throughput"] = throughput(url, payload, args.blocks, args.repeat)
+        print(f"throughput, {t['blocks']:,} blocks of {t['value_bytes']:,} B (the demo model's block record):")
+        for op in ("set", "get"):
+            ours = t[f"{op}_per_s"]
+            print(f"  {op.upper()}: tierlm {ours:,.0f} blocks/s vs redis-benchmark pipelined "
+                  f"{t[f'bench_pipelined_{op}']:,.0f}/s ({ours / t[f'bench_pipelined_{op}']:.2f}), default "
+                  f"{t[f'bench_default_{op}']:,.0f}/s ({ours / t[f'bench_default_{op}']:.2f})")
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
