@@ -81,8 +81,9 @@ def test_torn_tail_is_cut_at_start(tmp_path):
     assert len(SegmentStore(d, 1 << 30, read_only=True).index) == 5
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["mapped", "staged"])
 @pytest.mark.parametrize("damage", ["payload_bit", "header_bit", "foreign", "tokens"])
-def test_corruption_is_detected_and_dropped(tmp_path, damage):
+def test_corruption_is_detected_and_dropped(tmp_path, damage, staged):
     d = tmp_path / "kv"
     items = blocks(4)
     s = SegmentStore(d, 1 << 30)
@@ -109,7 +110,7 @@ def test_corruption_is_detected_and_dropped(tmp_path, damage):
             fh.seek(at)
             fh.write(bytes([b[0] ^ 0x10]))
     s = SegmentStore(d, 1 << 30)
-    got = s.get_many([k for _, k, _, _ in items], FP)
+    got = s.get_many([k for _, k, _, _ in items], FP, segment.Staging() if staged else None)
     assert got[:2] == [items[0][3], items[1][3]] and got[2] is None
     assert s.corrupt >= 1 and not s.has(items[2][1])
     s.close()
@@ -148,9 +149,12 @@ def test_eviction_by_budget_and_ttl(tmp_path, monkeypatch):
     s.close()
 
 
-def test_run_records_hold_chained_blocks(tmp_path):
-    """Chained blocks written as one record read back one by one or in any subset; a flipped
-    payload bit drops exactly that record's blocks; a restart indexes every block."""
+@pytest.mark.parametrize("staged", [False, True], ids=["mapped", "staged"])
+def test_run_records_hold_chained_blocks(tmp_path, staged):
+    """Chained blocks written as one record read back one by one or in any subset, mapped or
+    read into reused staging memory; a flipped payload bit drops exactly that record's
+    blocks; a restart indexes every block."""
+    staging = segment.Staging() if staged else None
     d = tmp_path / "kv"
     items = blocks(13)
     run = [(k, parent, t, p) for parent, k, t, p in items[:10]]
@@ -163,7 +167,7 @@ def test_run_records_hold_chained_blocks(tmp_path):
     assert s.nbytes() == first + 3 * one                        # one record for the run, one per single block
     want = {k: p for _, k, _, p in items}
     pick = [items[i][1] for i in (11, 3, 2, 9)]
-    assert s.get_many(pick, FP) == [want[k] for k in pick]
+    assert s.get_many(pick, FP, staging) == [want[k] for k in pick]
     s.close()
     seg = next(d.glob("seg-*.log"))
     with open(seg, "r+b") as fh:                                # a bit of block 5's payload
@@ -173,7 +177,7 @@ def test_run_records_hold_chained_blocks(tmp_path):
         fh.write(bytes([b[0] ^ 1]))
     s = SegmentStore(d, 1 << 30)
     assert len(s.index) == 13
-    got = s.get_many([k for _, k, _, _ in items], FP)
+    got = s.get_many([k for _, k, _, _ in items], FP, staging)
     assert got[:10] == [None] * 10 and got[10:] == [p for *_, p in items[10:]]
     assert s.corrupt == 10 and len(s.index) == 3
     s.close()
@@ -238,4 +242,23 @@ def test_kill_9_while_writing_never_serves_a_bad_block(tmp_path):
         assert block_hash(e.parent, e.tokens) == key
     got = s.get_many(list(s.index), FP)
     assert all(body == (key * 512)[:16384] for key, body in zip(s.index, got))
+    s.close()
+
+
+def test_staging_memory_is_reused_and_views_stay_valid_until_the_next_read(tmp_path):
+    items = blocks(6)
+    s = SegmentStore(tmp_path / "kv", 1 << 30)
+    fill(s, items)
+    staging = segment.Staging()
+    keys = [k for _, k, _, _ in items]
+    first = s.get_many(keys, FP, staging)
+    buf = staging.buf
+    assert first == [p for *_, p in items] and len(buf) >= 6 * 3000
+    second = s.get_many(keys[:3], FP, staging)                    # smaller: the same memory again
+    assert staging.buf is buf and second == [p for *_, p in items[:3]]
+    assert first[0].obj is buf                                    # a view of it, not a copy
+    big = segment.Staging()
+    big.KEEP = 100                                                # over KEEP: not kept after use
+    got = s.get_many(keys, FP, big)
+    assert got == [p for *_, p in items] and len(big.buf) == 0
     s.close()

@@ -25,6 +25,7 @@ from typer.testing import CliRunner  # noqa: E402
 from tierlm import LLM  # noqa: E402
 from tierlm.cli import app  # noqa: E402
 from tierlm.errors import TierlmError  # noqa: E402
+from tierlm.runtime.blocks import hash_chain  # noqa: E402
 from tierlm.tiers import remote, segment  # noqa: E402
 
 @pytest.fixture
@@ -94,8 +95,8 @@ def test_two_processes_share_a_prefix(family, shared_url, tmp_path):
     assert stats["prefix_hit_tokens_by_tier"]["device"] == 0 and stats["corrupt_blocks_dropped"] == 0
     assert stats["tier_bytes"]["remote"] > 0 and stats["remote_errors"] == 0
     llm.store.flush()
-    assert all(llm.store.disk.has(k) for k in llm.store.remote.known if k in llm.store.host.blocks)
-    assert len(llm.store.disk.index) >= 6                      # promoted to the disk, then the new blocks
+    chain = [k for k in llm.store.remote.cover if llm.store.where(k) == "host"][:6]
+    assert len(chain) == 6 and all(llm.store.disk.has(k) for k in chain)    # the hits promoted to the disk
     llm.close()
 
 
@@ -186,32 +187,37 @@ def test_slow_server_times_out(family, server):
 
 
 def test_corrupt_and_foreign_values_are_dropped(family, server):
+    """A value with a flipped bit, another run's value under a key, and another model's run
+    under a key: each is detected by a fresh engine (one warning), deleted and recomputed."""
     _, path, want = family
     llm = remote_engine(path, server.url)
     run(llm, LONG)
+    run(llm, LONG2)
+    ns, root = llm.store.remote.ns + b"b:", llm.store.fingerprint
     llm.close()
     c = server.client()
-    store_keys = sorted(k for k in c.keys(b"tierlm:*:b:*"))
-    ns = store_keys[0].rpartition(b":b:")[0] + b":b:"
-    values = {k: c.get(k) for k in store_keys}
-    victims = list(values)[:3]
-    flipped = bytearray(values[victims[0]])
-    flipped[-5] ^= 1                                          # a bit of the payload
-    c.set(victims[0], bytes(flipped))
-    c.set(victims[1], values[victims[2]])                    # another block's value under this key
-    key = bytes.fromhex(victims[2][len(ns):].decode())
-    parsed = segment.parse_header(values[victims[2]], 0)
-    _, [(k, parent, tokens, nbytes)], hlen = parsed
-    head, payloads = segment.encode_record(b"\x07" * 32, parsed[0]["layout"], [(key, parent, tokens, values[victims[2]][hlen:])])
-    c.set(victims[2], head + b"".join(payloads))             # another model's block under this key
-    fresh = remote_engine(path, server.url)
-    with pytest.warns(RuntimeWarning, match="remote tier") as caught:
-        follow = follow_up(want)
-        assert run(fresh, follow) == want[tuple(follow)]
-    stats = fresh.stats()
-    assert len(remote_warnings(caught)) == 1 and "3 value(s) failed verification" in remote_warnings(caught)[0]
-    assert stats["corrupt_blocks_dropped"] >= 1 and stats["prefix_hit_tokens_by_tier"]["remote"] < 6 * fresh.block
-    fresh.close()
+    follow = follow_up(want)
+    chain = hash_chain(root, follow[:-1], llm.block)
+    victim = ns + chain[5].hex().encode()                     # LONG's blocks 0-5, one chunk tail
+    other = next(k for k in c.keys(ns + b"*") if k != victim and len(c.get(k)) > len(c.get(victim)) // 2)
+    good, foreign_run = c.get(victim), c.get(other)
+    head, blocks, hlen = segment.parse_header(good, 0)
+    runs = [(k, parent, tokens, good[hlen:][sum(b[3] for b in blocks[:i]):][:n])
+            for i, (k, parent, tokens, n) in enumerate(blocks)]
+    flipped = bytearray(good)
+    flipped[-5] ^= 1                                           # a bit of the payload
+    alien = b"".join([h := segment.encode_record(b"\x07" * 32, head["layout"], runs)[0], *[r[3] for r in runs]])
+    for bad in (bytes(flipped), foreign_run, alien):
+        c.set(victim, bad)
+        fresh = remote_engine(path, server.url)
+        with pytest.warns(RuntimeWarning, match="remote tier") as caught:
+            assert run(fresh, follow) == want[tuple(follow)]
+        stats = fresh.stats()
+        assert len(remote_warnings(caught)) == 1 and "1 value(s) failed verification" in remote_warnings(caught)[0]
+        assert stats["corrupt_blocks_dropped"] >= 1 and stats["prefix_hit_tokens_by_tier"]["remote"] == 0
+        assert c.get(victim) != bad                            # deleted (then stored again, recomputed)
+        fresh.close()
+    assert h
 
 
 def test_flushall_and_maxmemory_eviction_are_misses(family, server):
@@ -222,19 +228,19 @@ def test_flushall_and_maxmemory_eviction_are_misses(family, server):
     run(llm, LONG)
     llm.close()
     fresh = remote_engine(path, server.url)
-    real_get = fresh.store.remote.get_many
+    real_get = fresh.store.remote.get_runs
 
     def flush_first(keys):                                   # the server is wiped just before the read
         server.client().flushall()
         return real_get(keys)
 
-    fresh.store.remote.get_many = flush_first
+    fresh.store.remote.get_runs = flush_first
     baseline = LLM(path, **KW)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         follow = follow_up(want)
         assert run(fresh, follow) == want[tuple(follow)]
-        fresh.store.remote.get_many = real_get
+        fresh.store.remote.get_runs = real_get
         assert fresh.stats()["prefix_hit_tokens_by_tier"]["remote"] == 0
         prompts = [[(7 * i + 13 * j) % 50 for i in range(70)] for j in range(12)]
         for p in prompts[:-1]:
@@ -297,22 +303,24 @@ def test_bad_remote_arguments(family):
 def test_cache_cli_on_a_remote_store(server, tmp_path):
     _, path = te.MAKERS["llama"](tmp_path / "llama")
     llm = remote_engine(path, server.url)
-    run(llm, LONG)
+    run(llm, LONG)        # values: the prompt's unfinished chunk (blocks 0-3) and the sequence's (0-5)
+    run(llm, OTHER)       # and OTHER's two
     llm.close()
+    c = server.client()
     runner = CliRunner()
     ls = runner.invoke(app, ["cache", "ls", server.url, "--json"])
     assert ls.exit_code == 0, ls.output
     got = json.loads(ls.stdout)
-    assert got["blocks"] == 6 and got["models"][0]["blocks"] == 6 and got["bytes"] > 0
+    assert got["values"] == 4 and got["models"][0]["values"] == 4
+    assert got["bytes"] == sum(len(c.get(k)) for k in c.keys(b"tierlm:*:b:*"))
     stats = runner.invoke(app, ["cache", "stats", server.url])
-    assert stats.exit_code == 0 and "6 blocks" in stats.output
-    c = server.client()
+    assert stats.exit_code == 0 and "4 values" in stats.output
     victim = next(iter(c.keys(b"tierlm:*:b:*")))
     c.set(victim, b"garbage")
     verify = runner.invoke(app, ["cache", "verify", server.url, "--json"])
-    assert verify.exit_code == 1 and json.loads(verify.stdout)["bad"] == 1 and json.loads(verify.stdout)["good"] == 5
+    assert verify.exit_code == 1 and json.loads(verify.stdout)["bad"] == 1 and json.loads(verify.stdout)["good"] == 3
     cleared = runner.invoke(app, ["cache", "clear", server.url])
-    assert cleared.exit_code == 0 and "removed 5 blocks" in cleared.output
+    assert cleared.exit_code == 0 and "removed 3 values" in cleared.output
     assert c.keys(b"tierlm:*") == []
     down = runner.invoke(app, ["cache", "ls", f"redis://:pw@127.0.0.1:{_free_port()}/0"])
     assert down.exit_code == 2 and "ConnectionError" in down.output and "pw" not in down.output.replace("***", "")

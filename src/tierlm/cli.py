@@ -469,10 +469,10 @@ def _remote_cache(action: str, url: str, as_json: bool) -> None:
         import redis
         try:
             if action == "clear":
-                print(f"removed {remote.clear(url)} blocks from {shown}")
+                print(f"removed {remote.clear(url)} values from {shown}")
                 return
             models = remote.namespaces(url)
-            result = {"url": shown, "blocks": sum(m["blocks"] for m in models),
+            result = {"url": shown, "values": sum(m["values"] for m in models),
                       "bytes": sum(m["bytes"] for m in models), "models": models}
             if action == "verify":
                 result["good"], result["bad"] = remote.verify(url)
@@ -485,13 +485,14 @@ def _remote_cache(action: str, url: str, as_json: bool) -> None:
         print(json.dumps(result))
     else:
         now = time.time()
-        print(f"{shown}: {result['blocks']:,} blocks, {fmt_bytes(result['bytes'])} in {len(models)} models")
+        print(f"{shown}: {result['values']:,} values (runs of blocks), {fmt_bytes(result['bytes'])}, "
+              f"{len(models)} models")
         for m in models:
             ages = (f", last used {(now - m['newest']) / 60:.0f}-{(now - m['oldest']) / 60:.0f} min ago"
                     if m["newest"] is not None else "")
-            print(f"  {m['model']} ({m['fingerprint'][:12]}): {m['blocks']:,} blocks, {fmt_bytes(m['bytes'])}{ages}")
+            print(f"  {m['model']} ({m['fingerprint'][:12]}): {m['values']:,} values, {fmt_bytes(m['bytes'])}{ages}")
         if action == "verify":
-            print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (deleted)")
+            print(f"verified {result['good']:,} values, {result['bad']:,} corrupt (deleted)")
     if action == "verify" and result["bad"]:
         raise typer.Exit(1)
 

@@ -10,15 +10,14 @@ a freed block that never filled (no name) is reused before any named one.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from typing import Sequence
-
-import numpy as np
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
     """sha256(parent hash || token ids as little-endian int64): deterministic across processes."""
-    return hashlib.sha256(parent + np.asarray(tokens, dtype="<i8").tobytes()).digest()
+    return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
 
 
 def hash_chain(root: bytes, tokens: Sequence[int], block: int) -> list[bytes]:

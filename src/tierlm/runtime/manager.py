@@ -88,6 +88,8 @@ class CacheManager:
     def free(self, seq: Sequence) -> None:
         if self.store is not None and seq.hashes:
             self._save_resume(seq, len(seq.hashes) - 1)   # a follow-up request resumes right here
+            if len(seq.hashes) % self.store.CHUNK_BLOCKS:
+                self._save_chunk(seq, len(seq.hashes) - 1)    # and the unfinished chunk it ends in
         for g, table in seq.tables.items():
             for b in reversed(table):      # the tail first, so a prefix outlives its continuations
                 if b >= 0:
@@ -120,8 +122,23 @@ class CacheManager:
             return
         self.store.save(parent, seq.hashes[i], seq.token_ids[i * self.block:(i + 1) * self.block],
                         table[i] if 0 in self.groups else None)
-        if (i + 1) % self.store.RESUME_EVERY == 0 or i == (seq.num_prompt - 1) // self.block - 1:
+        prompt_end = i == (seq.num_prompt - 1) // self.block - 1
+        if (i + 1) % self.store.RESUME_EVERY == 0 or prompt_end:
             self._save_resume(seq, i)          # also where the same prompt, asked again, resumes
+        if (i + 1) % self.store.CHUNK_BLOCKS == 0 or prompt_end:
+            self._save_chunk(seq, i)           # the same prompt asked again finds its last chunk
+
+    def _save_chunk(self, seq: Sequence, i: int) -> None:
+        """Send the prefix chunk ending at block i (or the unfinished tail of one, ending
+        there) to the remote store as one value, pages taken from the blocks seq holds."""
+        a = i // self.store.CHUNK_BLOCKS * self.store.CHUNK_BLOCKS
+        table = seq.tables.get(0, [])
+        if 0 in self.groups and not all(j < len(table) and table[j] >= 0 for j in range(a, i + 1)):
+            return
+        b = self.block
+        self.store.save_chunk(seq.hashes[a:i + 1], [seq.hashes[j - 1] if j else self.root for j in range(a, i + 1)],
+                              [seq.token_ids[j * b:(j + 1) * b] for j in range(a, i + 1)],
+                              table[a:i + 1] if 0 in self.groups else None)
 
     def _save_resume(self, seq: Sequence, i: int) -> None:
         spans = {g: [seq.tables.get(g, [])[j] if j < len(seq.tables.get(g, [])) else -1
@@ -147,7 +164,7 @@ class CacheManager:
         n_dev = self._longest(len(chain), lambda i: hit(0, i) is not None, device_window)
         n, plan = n_dev, None
         if self.store is not None:
-            self.store.probe(chain[n_dev:])            # a remote store: one round trip
+            self.store.probe(chain)                    # a remote store: one round trip
             n = self._longest(len(chain), lambda i: hit(0, i) is not None or self.store.where(chain[i]) is not None,
                               lambda n: device_window(n) or self.store.where(self.store.resume_key(chain[n - 1])))
             if n > n_dev:

@@ -1,23 +1,27 @@
 """The remote tier: KV blocks in a Redis (or Valkey) server that many engines share.
 
-A stored block is the same record as on disk (`segment.encode_record`, one block per value:
-header with magic, version, fingerprint, layout, key, parent, token ids, checksums, then the
-payload), so every read re-verifies it exactly as a disk read does: a foreign, stale or
-damaged value is dropped and its prefix recomputed, never served.
+A value is the same record as on disk (`segment.encode_record`): a run of chained blocks
+(header with magic, version, fingerprint, layout, every block's key, parent and token ids,
+checksums, then the payloads), stored under its last block's key, so every read re-verifies
+it exactly as a disk read does: a foreign, stale or damaged value is dropped and its prefix
+recomputed, never served. `TierStore` writes a prefix as aligned chunks of `CHUNK_BLOCKS`
+blocks, and the unfinished chunk a prompt or a sequence ends in, so that per-value costs (a
+key, its bookkeeping, two checksums) are paid once per chunk rather than per block.
 
 Keys, all under one hash tag so that a Redis Cluster keeps a model's namespace on one slot:
-  tierlm:v<format>:{<fingerprint hex>}:b:<block hash hex>   a block record (TTL: the retention)
-  tierlm:v<format>:{<fingerprint hex>}:lru                  sorted set: block key -> last use
-  tierlm:v<format>:{<fingerprint hex>}:size                 hash: block key -> value bytes
+  tierlm:v<format>:{<fingerprint hex>}:b:<block hash hex>   a run ending at that block (TTL: the retention)
+  tierlm:v<format>:{<fingerprint hex>}:lru                  sorted set: value key -> last use
+  tierlm:v<format>:{<fingerprint hex>}:size                 hash: value key -> value bytes
   tierlm:v<format>:{<fingerprint hex>}:bytes                bytes of the namespace's values
   tierlm:v<format>:{<fingerprint hex>}:layout               the layout (model, streams) as JSON
 
-Writes, reads and lookups each run as one Lua script per batch of blocks (one round trip,
-atomic on the server; Redis >= 7 or Valkey, whose scripts declare themselves so that the server
-evicts under `maxmemory` before running one): a write sets the values with their TTL, counts new ones into the
-namespace's bytes and evicts least-recently-used blocks while over the byte budget, so that
-engines sharing a namespace share one budget; a read refreshes the TTL and the LRU order of
-what it finds. Redis' own eviction (`maxmemory` with an LRU policy) and expiry are misses.
+Writes, reads and lookups each take one round trip per batch: a write is the values' SETs
+(with their TTL) and a Lua script that counts new ones into the namespace's bytes and evicts
+least-recently-used values while over the byte budget, so that engines sharing a namespace
+share one budget; a read is MGETs and a script that refreshes the TTL and the LRU order of what
+it found; a lookup is one script of EXISTS. Scripts declare themselves the Redis 7 way, so
+that a server under `maxmemory` evicts before running one: Redis >= 7 or Valkey. Redis' own
+eviction (`maxmemory` with an LRU policy) and expiry are misses.
 
 Faults: any Redis error (refused connection, timeout, a server restarting) makes the tier
 sit out for `RETRY_S` with one warning; lookups then miss and writes are dropped, so the
@@ -41,19 +45,19 @@ from .segment import FORMAT_VERSION, encode_record, parse_header
 SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_TIMEOUT_S = 0.5            # per operation; a slower server is treated as down for RETRY_S
 BATCH_BYTES = 4 << 20              # values per script call stay under this
-GET_BATCH = 512                    # keys per read script call (a long prefix: several calls)
+GET_BATCH = 64                     # keys per MGET (a long prefix: several round trips)
 LINK_GUESS = 1e9                   # bytes/s a remote read is assumed to run at until one is measured
 
-_PUT = """#!lua
+# after the batch's SETs, in the same round trip: KEYS = lru, size, bytes, layout, the values'
+# keys; ARGV = ttl, now, budget, layout JSON, the values' sizes (ARGV[i] is KEYS[i]'s)
+_ACCOUNT = """#!lua
 local ttl, now, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local added = 0
 if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SET', KEYS[4], ARGV[4]) end
+local added = 0
 for i = 5, #KEYS do
-  local v = ARGV[i]
-  redis.call('SET', KEYS[i], v, 'EX', ttl)
   if redis.call('ZADD', KEYS[1], now, KEYS[i]) == 1 then
-    redis.call('HSET', KEYS[2], KEYS[i], #v)
-    added = added + #v
+    redis.call('HSET', KEYS[2], KEYS[i], ARGV[i])
+    added = added + tonumber(ARGV[i])
   end
 end
 local total = redis.call('INCRBY', KEYS[3], added)
@@ -73,17 +77,12 @@ for j = 1, 4 do redis.call('EXPIRE', KEYS[j], ttl) end
 return total
 """
 
-_GET = """#!lua
-local out = {}
+# after a read's MGETs: KEYS = lru, the values' keys; ARGV = ttl, now
+_TOUCH = """#!lua
 for i = 2, #KEYS do
-  local v = redis.call('GET', KEYS[i])
-  if v then
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], KEYS[i])
-  end
-  out[i - 1] = v
+  if redis.call('EXPIRE', KEYS[i], ARGV[1]) == 1 then redis.call('ZADD', KEYS[1], 'XX', ARGV[2], KEYS[i]) end
 end
-return out
+return 0
 """
 
 _EXISTS = """#!lua
@@ -117,8 +116,10 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         raise TierlmError("the remote tier needs the redis package: pip install 'tierlm[redis]'") from None
     from redis.backoff import NoBackoff
     from redis.retry import Retry
-    # fail fast: a retry would stall the engine step that asked; the tier retries after RETRY_S
-    kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
+    # fail fast: one immediate retry on a broken connection (a pooled one to a server that has
+    # restarted), none after a timeout, which would stall the engine step that asked again
+    kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+          "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
     if urlsplit(url).password is None:
         password = os.environ.get("TIERLM_REDIS_PASSWORD") or os.environ.get("REDISCLI_AUTH")
         if password:
@@ -131,23 +132,28 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         raise TierlmError(f"bad remote tier URL {redact(url)}: {e}") from None
 
 
-def decode(value, key: bytes, fingerprint: bytes, layout: bytes | None):
-    """(parent, tokens, payload) of a remote value if it is whole and is block `key` of this
-    model and layout (None: any layout): header checksum, key = sha256(parent || tokens),
-    fingerprint, payload checksum; None otherwise."""
+def decode(value, key: bytes, fingerprint: bytes, layout: bytes | None) -> list[tuple] | None:
+    """[(key, parent, tokens, payload view)] of a remote value if it is whole and is the run
+    of chained blocks ending at block `key` of this model and layout (None: any layout):
+    header checksum, fingerprint, every key = sha256(parent || tokens) with each block's
+    parent the previous block, payload checksum; None otherwise."""
     parsed = parse_header(value, 0) if value is not None else None
     if parsed is None:
         return None
     head, blocks, hlen = parsed
-    if len(blocks) != 1 or head["fingerprint"] != fingerprint or (layout is not None and head["layout"] != layout):
-        return None
-    k, parent, tokens, nbytes = blocks[0]
-    if k != key or len(value) != hlen + nbytes or block_hash(parent, tokens) != key:
+    if (not blocks or blocks[-1][0] != key or head["fingerprint"] != fingerprint
+            or (layout is not None and head["layout"] != layout) or len(value) != hlen + head["payload"]):
         return None
     body = memoryview(value)[hlen:]
     if zlib.crc32(body) != head["crc"]:
         return None
-    return parent, tuple(tokens), body
+    out, at, prev = [], 0, blocks[0][1]
+    for k, parent, tokens, nbytes in blocks:
+        if parent != prev or block_hash(parent, tokens) != k:
+            return None
+        out.append((k, parent, tuple(tokens), body[at:at + nbytes]))
+        at, prev = at + nbytes, k
+    return out
 
 
 class RemoteTier:
@@ -166,8 +172,10 @@ class RemoteTier:
         self.ns = namespace(fingerprint)
         self.index_keys = [self.ns + b"lru", self.ns + b"size", self.ns + b"bytes", self.ns + b"layout"]
         self.layout_json = layout_json
-        self._put, self._get, self._exists = (self.client.register_script(s) for s in (_PUT, _GET, _EXISTS))
-        self.known: set[bytes] = set()          # block keys the server was last seen to hold
+        self._account, self._touch, self._exists = (self.client.register_script(s)
+                                                    for s in (_ACCOUNT, _TOUCH, _EXISTS))
+        # block key -> key of the run holding it, for the prompt last probed (TierStore.probe)
+        self.cover: dict[bytes, bytes] = {}
         self.down_until = 0.0
         self.warned = self.warned_corrupt = False
         self.stats = {"errors": 0, "corrupt": 0, "bytes": 0, "gets": 0, "sets": 0}
@@ -187,7 +195,7 @@ class RemoteTier:
             out = fn(*args, **kw)
         except self.errors_type as e:
             self.stats["errors"] += 1
-            self.known.clear()                  # it may come back empty
+            self.cover.clear()                  # it may come back empty
             self.down_until = time.monotonic() + self.RETRY_S
             if not self.warned:
                 self.warned = True
@@ -211,75 +219,86 @@ class RemoteTier:
         rtt = self._call(run)
         return (rtt if rtt is not None else 1e-3), LINK_GUESS
 
-    # ------------------------------------------------------------------ blocks
+    # ------------------------------------------------------------------ runs
     def probe(self, keys: list[bytes]) -> set[bytes]:
-        """The keys the server holds now (also remembered in `known`)."""
+        """The keys the server holds a value under now (one round trip)."""
         if not keys:
             return set()
         got = self._call(self._exists, keys=[self.key(k) for k in keys])
-        if got is None:
-            return set()
-        held = {k for k, n in zip(keys, got) if n}
-        self.known.difference_update(keys)
-        self.known.update(held)
-        return held
+        return set() if got is None else {k for k, n in zip(keys, got) if n}
 
-    def get_many(self, keys: list[bytes]) -> list[tuple[bytes, tuple, bytearray] | None]:
-        """(parent, tokens, payload) per key, verified; None where missing or not intact (a bad
-        value is deleted, so that the block is recomputed and stored again)."""
+    def get_runs(self, keys: list[bytes]) -> list[list[tuple] | None]:
+        """The runs stored under keys, each [(key, parent, tokens, payload)] verified; None where
+        missing or not intact (a bad value is deleted, so that it is recomputed and stored again)."""
+        names = [self.key(k) for k in keys]
+
+        def read():
+            # one MGET of a few MiB at a time: a pipeline of them all would make the server
+            # buffer the whole reply first (several times slower here); the refresh rides along
+            got = []
+            for at in range(0, len(names), GET_BATCH):
+                pipe = self.client.pipeline(transaction=False)
+                pipe.mget(names[at:at + GET_BATCH])
+                self._touch(keys=[self.index_keys[0], *names[at:at + GET_BATCH]], args=[self.ttl, time.time()],
+                            client=pipe)
+                got += pipe.execute()[0]
+            return got
+
+        values = (self._call(read) if keys else None) or []
         out: list = [None] * len(keys)
-        values = []
-        for at in range(0, len(keys), GET_BATCH):
-            got = self._call(self._get, keys=[self.index_keys[0], *map(self.key, keys[at:at + GET_BATCH])],
-                             args=[self.ttl, time.time()])
-            if got is None:
-                break
-            values += got
         bad = []
         for i, (k, v) in enumerate(zip(keys, values)):
-            got = decode(v, k, self.fingerprint, self.layout) if v is not None else None
-            if got is None:
-                self.known.discard(k)
-                if v is not None:
-                    bad.append(k)
-                continue
-            parent, tokens, body = got
-            out[i] = (parent, tokens, bytearray(body))
-            self.stats["gets"] += 1
+            run = decode(bytearray(v), k, self.fingerprint, self.layout) if v is not None else None
+            if run is None and v is not None:
+                bad.append(k)
+            out[i] = run
+            self.stats["gets"] += len(run or ())
         if bad:
             self.stats["corrupt"] += len(bad)
             self._call(self.client.delete, *map(self.key, bad))
             if not self.warned_corrupt:
                 self.warned_corrupt = True
                 warnings.warn(f"remote tier {self.url}: {len(bad)} value(s) failed verification (damaged, or not "
-                              "this block of this model) and were deleted; their prefixes are recomputed",
+                              "these blocks of this model) and were deleted; their prefixes are recomputed",
                               RuntimeWarning, stacklevel=2)
         return out
 
-    def put_many(self, blocks) -> None:
-        """Store blocks (key, parent, tokens, payload), a few MiB per call (a block another
-        engine stored meanwhile is overwritten with the same bytes and counted once)."""
-        batch, size = [], 0
-        for b in blocks:
-            batch.append(b)
-            size += len(b[3])
+    def put_runs(self, runs) -> bool:
+        """Store runs of chained blocks [(key, parent, tokens, payload)], each one value under
+        its last block's key, a few MiB per call (a run another engine stored meanwhile is
+        overwritten with the same bytes and counted once); False if the server refused."""
+        batch, size, ok = [], 0, True
+        for run in runs:
+            batch.append(run)
+            size += sum(len(b[3]) for b in run)
             if size >= BATCH_BYTES:
-                self._put_batch(batch)
+                ok &= self._put_batch(batch)
                 batch, size = [], 0
         if batch:
-            self._put_batch(batch)
+            ok &= self._put_batch(batch)
+        return ok
 
-    def _put_batch(self, blocks) -> None:
+    def _put_batch(self, runs) -> bool:
         values = []
-        for key, parent, tokens, payload in blocks:
-            head, payloads = encode_record(self.fingerprint, self.layout, [(key, parent, tokens, payload)])
+        for run in runs:
+            head, payloads = encode_record(self.fingerprint, self.layout, run)
             values.append(b"".join([head, *payloads]))
-        total = self._call(self._put, keys=[*self.index_keys, *(self.key(b[0]) for b in blocks)],
-                           args=[self.ttl, time.time(), self.budget, self.layout_json, *values])
-        if total is not None:
-            self.stats["bytes"] = int(total)
-            self.stats["sets"] += len(blocks)
-            self.known.update(b[0] for b in blocks)
+        names = [self.key(run[-1][0]) for run in runs]
+
+        def write():
+            pipe = self.client.pipeline(transaction=False)
+            for name, value in zip(names, values):
+                pipe.set(name, value, ex=self.ttl)
+            self._account(keys=[*self.index_keys, *names],
+                          args=[self.ttl, time.time(), self.budget, self.layout_json, *map(len, values)], client=pipe)
+            return pipe.execute()[-1]
+
+        total = self._call(write)
+        if total is None:
+            return False
+        self.stats["bytes"] = int(total)
+        self.stats["sets"] += sum(map(len, runs))
+        return True
 
     def nbytes(self) -> int:
         """Bytes of this namespace's values on the server (the last figure seen when it is down)."""
@@ -294,8 +313,8 @@ class RemoteTier:
 
 
 def namespaces(url: str) -> list[dict]:
-    """Every tierlm namespace on a server: fingerprint, blocks, bytes, oldest and newest use
-    (for `tierlm cache ls|stats redis://...`)."""
+    """Every tierlm namespace on a server: fingerprint, model, values (runs of blocks), bytes,
+    oldest and newest use (for `tierlm cache ls|stats redis://...`)."""
     client = connect(url)
     out = []
     prefix = b"tierlm:v%d:{" % FORMAT_VERSION
@@ -307,7 +326,7 @@ def namespaces(url: str) -> list[dict]:
             model = json.loads(client.get(ns + b"layout") or b"{}").get("model", "?")
         except (ValueError, AttributeError):
             model = "?"
-        out.append({"fingerprint": ns[len(prefix):-2].decode(), "model": model, "blocks": client.zcard(lru),
+        out.append({"fingerprint": ns[len(prefix):-2].decode(), "model": model, "values": client.zcard(lru),
                     "bytes": int(client.get(ns + b"bytes") or 0),
                     "oldest": first[0][1] if first else None, "newest": last[0][1] if last else None})
     client.close()
@@ -336,7 +355,7 @@ def verify(url: str) -> tuple[int, int]:
 
 
 def clear(url: str) -> int:
-    """Delete every tierlm key on the server; the number of blocks removed."""
+    """Delete every tierlm key on the server; the number of values (runs of blocks) removed."""
     client = connect(url)
     n = 0
     for name in client.scan_iter(match=b"tierlm:v%d:{*" % FORMAT_VERSION, count=1000):

@@ -60,6 +60,26 @@ FP_AT = 20                                     # offset of the fingerprint in th
 SEGMENT_BYTES = 64 << 20
 RUN_BYTES = 8 << 20                            # a record's payload stays under this (unless one block is larger)
 DEFAULT_TTL_S = 6 * 3600
+READ_BYTES = 1 << 20                           # one read of a staged reload
+
+
+class Staging:
+    """Memory a synchronous reload reads into, reused across reloads: on this machine the
+    first touch of fresh pages costs about as much as reading them from disk. A view handed
+    out stays valid until the next `take`; a very large one is not kept."""
+
+    KEEP = 256 << 20
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def take(self, n: int) -> memoryview:
+        if n > len(self.buf):
+            self.buf = bytearray(n)            # earlier views keep the old buffer alive
+        view = memoryview(self.buf)[:n]
+        if n > self.KEEP:
+            self.buf = bytearray()
+        return view
 
 
 @dataclass
@@ -107,21 +127,22 @@ def parse_header(buf, at: int) -> tuple[dict, list[tuple], int] | None:
     magic, version, n, plen, fp, layout, created, crc = HEAD.unpack_from(buf, at)
     if magic != MAGIC or version != FORMAT_VERSION:
         return None
-    entries = [BLOCK.unpack_from(buf, at + HEAD.size + i * BLOCK.size) for i in range(n)
-               if at + HEAD.size + (i + 1) * BLOCK.size <= len(buf)]
-    if len(entries) < n:
-        return None
     tok_at = at + HEAD.size + n * BLOCK.size
-    end = tok_at + 8 * sum(e[2] for e in entries)
+    if len(buf) < tok_at:
+        return None
+    entries = list(BLOCK.iter_unpack(memoryview(buf)[at + HEAD.size:tok_at]))
+    ntok = sum(e[2] for e in entries)
+    end = tok_at + 8 * ntok
     if len(buf) < end + 4:
         return None
     (hcrc,) = struct.unpack_from("<I", buf, end)
-    if zlib.crc32(buf[at:end]) != hcrc:
+    if zlib.crc32(memoryview(buf)[at:end]) != hcrc:
         return None
-    blocks = []
+    tokens = struct.unpack_from(f"<{ntok}q", buf, tok_at)
+    blocks, t = [], 0
     for key, parent, nt, nbytes in entries:
-        blocks.append((key, parent, struct.unpack_from(f"<{nt}q", buf, tok_at), nbytes))
-        tok_at += 8 * nt
+        blocks.append((key, parent, tokens[t:t + nt], nbytes))
+        t += nt
     return {"payload": plen, "fingerprint": fp, "layout": layout, "created": created, "crc": crc}, blocks, end + 4 - at
 
 
@@ -369,9 +390,11 @@ class SegmentStore:
                 f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
-    def get_many(self, keys: list[bytes], fingerprint: bytes) -> list[memoryview | None]:
-        """Payloads of keys (None where missing or corrupt): one mapping per run of adjacent
-        records, each record verified once from the bytes read (`_intact`)."""
+    def get_many(self, keys: list[bytes], fingerprint: bytes, staging: Staging | None = None) -> list[memoryview | None]:
+        """Payloads of keys (None where missing or corrupt): one read per run of adjacent
+        records, each record verified once from the bytes read (`_intact`). With `staging`
+        the runs are read into its reused memory (the views stay valid until its next use);
+        without, mapped (the views own their pages)."""
         with self._mu:
             out: list[memoryview | None] = [None] * len(keys)
             wanted: dict[tuple[int, int], list[tuple[int, Entry]]] = {}     # record -> (i, block)
@@ -389,10 +412,15 @@ class SegmentStore:
                     runs.append([wanted[rec]])
                 last = e
             now = time.time()
-            for run in runs:
-                first = run[0][0][1]
+            spans = [(r[0][0][1], r[-1][0][1].offset + r[-1][0][1].length) for r in runs]
+            into = staging.take(sum(end - first.offset for first, end in spans)) if staging is not None else None
+            for run, (first, end) in zip(runs, spans):
                 self.used[first.segment] = now
-                view = self._map(first.segment, first.offset, run[-1][0][1].offset + run[-1][0][1].length)
+                if into is None:
+                    view = self._map(first.segment, first.offset, end)
+                else:
+                    view = self._read(first.segment, first.offset, into[:end - first.offset])
+                    into = into[end - first.offset:]
                 for blocks in run:
                     e0 = blocks[0][1]
                     at = e0.offset - first.offset
@@ -406,6 +434,26 @@ class SegmentStore:
                             self.corrupt += 1
                             self.index.pop(keys[i], None)
             return out
+
+    def _read(self, segment: int, start: int, out: memoryview) -> memoryview:
+        """Bytes from `start` of a segment read into `out`, in 1 MiB reads (as the kernel
+        reads ahead); the part filled (short if the file is gone or short)."""
+        try:
+            fd = os.open(self._segment_path(segment), os.O_RDONLY)
+        except OSError:
+            return out[:0]
+        try:
+            n = 0
+            while n < len(out):
+                got = os.preadv(fd, [out[n:n + READ_BYTES]], start + n)
+                if got <= 0:
+                    break
+                n += got
+        except OSError:
+            n = 0
+        finally:
+            os.close(fd)
+        return out[:n]
 
     def _map(self, segment: int, start: int, end: int) -> memoryview:
         """Bytes [start, end) of a segment, mapped copy-on-write (writable for torch, never

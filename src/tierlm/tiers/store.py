@@ -35,7 +35,7 @@ import torch
 from ..errors import TierlmError
 from ..runtime.blocks import block_hash
 from .remote import RemoteTier, is_remote
-from .segment import DEFAULT_TTL_S, RUN_BYTES, SegmentStore
+from .segment import DEFAULT_TTL_S, RUN_BYTES, SegmentStore, Staging
 
 TIERS = ("host", "disk")                   # and, last, a remote store's URL (redis://...)
 DISK_READ_GUESS = 2e9      # bytes/s a disk reload is assumed to read at until one is measured
@@ -93,6 +93,9 @@ class TierStore:
     # a disk record holds up to this many chained blocks: one pair of checksums per run of a
     # prefix instead of per block, yet a short hit does not verify a long record
     RUN_BLOCKS = 32
+    # a remote value holds an aligned chunk of this many blocks (256 tokens at 16 per block,
+    # LMCache's chunk size): one key and one round-trip share per chunk
+    CHUNK_BLOCKS = 16
 
     def __init__(self, spec, pools, fingerprint: bytes, tiers=TIERS, cache_dir=None, host_bytes: int = 1 << 30,
                  disk_bytes: int = 64 << 30, policy: str = "auto", ttl_s: float | None = None,
@@ -167,6 +170,7 @@ class TierStore:
         self._ahead_mu = threading.Lock()
         self._ahead_budget, self._ahead_bytes = host_bytes, 0
         self._fetch: queue.Queue = queue.Queue()
+        self._staging = Staging()                 # synchronous disk reloads read into it
         if self.disk is not None or self.remote is not None:
             self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
             self._writer.start()
@@ -180,22 +184,40 @@ class TierStore:
             return "host"
         if self.disk is not None and self.disk.has(key):
             return "disk"
-        if self.remote is not None and key in self.remote.known:
+        if self.remote is not None and key in self.remote.cover:
             return "remote"
         return None
 
     def probe(self, chain: list[bytes]) -> None:
-        """Ask the remote store (one round trip) which of a prompt's blocks, and of the resume
-        records after them, it holds that the tiers above do not, so that `where` knows."""
-        if self.remote is not None and chain:
-            keys = [k for k in chain if self.where(k) in (None, "remote")]
-            if self.windows:
-                keys += [r for r in map(self.resume_key, chain) if self.where(r) in (None, "remote")]
-            self.remote.probe(keys)
+        """Ask the remote store (one round trip) which chunks of a prompt's prefix chain (the
+        whole chain: chunks are aligned from its start) and which resume records after its
+        blocks it holds, so that `where` knows. A chunk is held whole (under its last block's
+        key) or as the unfinished tail a sequence stopped in; the prefix covered ends at the
+        first chunk not held whole."""
+        if self.remote is None or not chain:
+            return
+        resumes = [self.resume_key(k) for k in chain] if self.windows else []
+        held = self.remote.probe(chain + resumes)
+        cover, c = {}, self.CHUNK_BLOCKS
+        for a in range(0, len(chain), c):
+            group = chain[a:a + c]
+            ends = [j for j, k in enumerate(group) if k in held]
+            if not ends:
+                break
+            for k in group[:ends[-1] + 1]:
+                cover[k] = group[ends[-1]]
+            if ends[-1] < c - 1:
+                break
+        cover.update((r, r) for r in resumes if r in held)
+        for k in chain + resumes:                   # what this probe did not find is gone
+            if k not in cover:
+                self.remote.cover.pop(k, None)
+        self.remote.cover.update(cover)
 
-    def _lower(self) -> bool:
-        """Whether a stored block has somewhere to go below the host tier."""
-        return (self.disk is not None and not self.disk.full) or self.remote is not None
+    def _lower(self, stream: str) -> bool:
+        """Whether a stored block of `stream` has somewhere to go below the host tier (the
+        remote store takes blocks as chunks, `save_chunk`, and resume records one by one)."""
+        return (self.disk is not None and not self.disk.full) or (self.remote is not None and stream == "resume")
 
     def _pages(self, keys, block: int) -> list[torch.Tensor]:
         return [self.pools.pages[k][block].reshape(-1).view(torch.uint8) for k in keys]
@@ -204,7 +226,7 @@ class TierStore:
         payload = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.uint8)
         if self.write_back and payload.numel() <= self.host.budget:
             self._dirty[key] = (parent, tuple(tokens), stream)
-        elif self._lower():
+        elif self._lower(stream):
             self._pending.append((parent, key, tuple(tokens), payload, stream))
         if self.host is not None:
             self.host.put(key, payload)
@@ -213,7 +235,7 @@ class TierStore:
     def _evicted(self, key: bytes, payload: torch.Tensor) -> None:
         """Write-back: a block leaving the host tier goes to the disk writer."""
         meta = self._dirty.pop(key, None)
-        if meta is not None and self._lower():
+        if meta is not None and self._lower(meta[2]):
             parent, tokens, stream = meta
             self._pending.append((parent, key, tokens, payload, stream))
 
@@ -221,6 +243,22 @@ class TierStore:
         """Snapshot the per-token pages of block `key` (physical block `block0` of group 0)."""
         if self.where(key) is None:
             self._put(parent, key, tokens, self._pages(self.keys_of[0], block0) if block0 is not None else [], "blocks")
+
+    def save_chunk(self, keys: list[bytes], parents: list[bytes], tokens: list, blocks: list[int] | None) -> None:
+        """Queue chained blocks (a chunk of the prefix, or its unfinished tail) for the remote
+        store as one value: their per-token pages gathered from physical blocks `blocks` of
+        group 0, one indexed copy per stream."""
+        if self.remote is None or self.remote.cover.get(keys[-1]) == keys[-1]:
+            return
+        if blocks is not None and self.keys_of[0]:
+            device = self.pools.pages[self.keys_of[0][0]].device
+            idx = torch.tensor(blocks, device=device)
+            rows = torch.cat([self.pools.pages[k].view(self.pools.pages[k].shape[0], -1).view(torch.uint8)[idx]
+                              for k in self.keys_of[0]], dim=1).cpu()
+            payloads = [r.numpy().data for r in rows]
+        else:
+            payloads = [b""] * len(keys)
+        self._pending.append((None, keys[-1], None, list(zip(keys, parents, map(tuple, tokens), payloads)), "chunk"))
 
     @staticmethod
     def resume_key(key: bytes) -> bytes:
@@ -250,8 +288,12 @@ class TierStore:
                 except queue.Empty:
                     break
             try:
-                for stream, blocks in self._runs([b for batch in items if batch is not None for b in batch]):
+                flat = [b for batch in items if batch is not None for b in batch]
+                for stream, blocks in self._runs([b for b in flat if b[4] != "chunk"]):
                     self._write(stream, blocks)
+                chunks = [b[3] for b in flat if b[4] == "chunk"]
+                if chunks:
+                    self._write_remote(chunks)
             finally:
                 for _ in items:
                     self._queue.task_done()
@@ -281,15 +323,17 @@ class TierStore:
     def _write(self, stream: str, blocks: list) -> None:
         if self.disk is not None and not self.disk.full:
             self._write_disk(stream, blocks)
-        if self.remote is not None:
-            try:
-                self.remote.put_many([b for b in blocks if b[0] not in self._from_remote])
-                self._from_remote.difference_update(b[0] for b in blocks)
-            except Exception as e:                  # a Redis error is handled inside; anything else too
-                if not self.stats.get("remote_error"):
-                    self.stats["remote_error"] = str(e)
-                    warnings.warn(f"remote tier write failed ({e}); continuing without it", RuntimeWarning,
-                                  stacklevel=1)
+        if self.remote is not None and stream == "resume":
+            self._write_remote([[b] for b in blocks if b[0] not in self._from_remote])
+        self._from_remote.difference_update(b[0] for b in blocks)
+
+    def _write_remote(self, runs: list) -> None:
+        try:
+            self.remote.put_runs(runs)
+        except Exception as e:                      # a Redis error is handled inside; anything else too
+            if not self.stats.get("remote_error"):
+                self.stats["remote_error"] = str(e)
+                warnings.warn(f"remote tier write failed ({e}); continuing without it", RuntimeWarning, stacklevel=1)
 
     def _write_disk(self, stream: str, blocks: list) -> None:
         try:
@@ -357,7 +401,7 @@ class TierStore:
                 self._fetch.task_done()
 
     def _read_ahead(self, chain: list[bytes], start: int) -> None:
-        self.probe(chain[start:])
+        self.probe(chain)
         keys = []
         for k in chain[start:]:
             t = self.where(k)
@@ -380,32 +424,42 @@ class TierStore:
                 while self._ahead_bytes > self._ahead_budget:
                     self._ahead_bytes -= self._ahead.popitem(last=False)[1][1].numel()
 
-    def _read(self, keys: list[bytes]) -> dict[str, dict[bytes, tuple[torch.Tensor, tuple | None]]]:
+    def _read(self, keys: list[bytes], staged: bool = False) -> dict[str, dict[bytes, tuple[torch.Tensor, tuple | None]]]:
         """{tier: {key: (payload, (parent, tokens) of a remote one)}} of the keys the disk or
-        the remote store hold, verified; each tier's bandwidth estimate learns from the read."""
+        the remote store hold, verified; each tier's bandwidth estimate learns from the read.
+        `staged`: disk payloads are views of the reused staging memory (valid until the next
+        staged read)."""
         out: dict[str, dict] = {"disk": {}, "remote": {}}
         on_disk = [k for k in keys if self.disk is not None and self.disk.has(k)]
         if on_disk:
             start = time.perf_counter()
-            for k, body in zip(on_disk, self.disk.get_many(on_disk, self.fingerprint)):
+            staging = self._staging if staged else None
+            for k, body in zip(on_disk, self.disk.get_many(on_disk, self.fingerprint, staging)):
                 if body is not None:
                     out["disk"][k] = (_tensor(body), None)
             self.bandwidth["disk"].add(sum(t.numel() for t, _ in out["disk"].values()), time.perf_counter() - start)
-        rest = [k for k in keys if k not in out["disk"]]
-        if self.remote is not None and rest:
+        rest = [k for k in keys if k not in out["disk"] and self.remote is not None and k in self.remote.cover]
+        if rest:
             start = time.perf_counter()
-            for k, got in zip(rest, self.remote.get_many(rest)):
-                if got is not None:
-                    parent, tokens, body = got
-                    out["remote"][k] = (_tensor(body), (parent, tokens))
-            self.bandwidth["remote"].add(sum(t.numel() for t, _ in out["remote"].values()), time.perf_counter() - start)
+            runs = list(dict.fromkeys(self.remote.cover[k] for k in rest))
+            wanted, total = set(rest), 0
+            for rk, run in zip(runs, self.remote.get_runs(runs)):
+                if run is None:                     # gone (evicted, expired, wiped) or dropped as bad
+                    for k in [k for k in rest if self.remote.cover.get(k) == rk]:
+                        self.remote.cover.pop(k, None)
+                for key, parent, tokens, body in run or ():
+                    total += len(body)
+                    if key in wanted:
+                        out["remote"][key] = (_tensor(body), (parent, tokens))
+            self.bandwidth["remote"].add(total, time.perf_counter() - start)
         return out
 
     # ------------------------------------------------------------------ load
     def load(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, tuple[str, torch.Tensor]]:
         """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
         the expected size; what came from below the host tier is promoted (to host, and a
-        remote hit to disk too)."""
+        remote hit to disk too). Payloads read from disk now are views of the staging memory:
+        restore them before the next load."""
         start = time.perf_counter()
         out = {}
         missing = []
@@ -427,18 +481,19 @@ class TierStore:
             self._queue.join()
             start = time.perf_counter()
             sizes_of = dict(missing)
-            for tier, got in self._read([k for k, _ in missing]).items():
+            for tier, got in self._read([k for k, _ in missing], staged=True).items():
                 for k, (t, meta) in got.items():
                     if t.numel() == sizes_of[k]:
-                        self._promote(k, tier, t, meta)
+                        self._promote(k, tier, t, meta, copy=tier == "disk")
                         out[k] = (tier, t)
         self.stats["reload_seconds"] += time.perf_counter() - start
         return out
 
-    def _promote(self, key: bytes, tier: str, payload: torch.Tensor, meta: tuple | None) -> None:
-        """Put a block read from a lower tier in the host tier; a remote one also on disk."""
+    def _promote(self, key: bytes, tier: str, payload: torch.Tensor, meta: tuple | None, copy: bool = False) -> None:
+        """Put a block read from a lower tier in the host tier (a copy of a staged one); a
+        remote one also on disk."""
         if self.host is not None:
-            self.host.put(key, payload)
+            self.host.put(key, payload.clone() if copy else payload)
         if tier == "remote" and self.disk is not None and not self.disk.full and not self.disk.has(key):
             parent, tokens = meta
             self._from_remote.add(key)
