@@ -174,7 +174,7 @@ class RemoteTier:
         self.layout_json = layout_json
         self._account, self._touch, self._exists = (self.client.register_script(s)
                                                     for s in (_ACCOUNT, _TOUCH, _EXISTS))
-        # block key -> key of the run holding it, for the prompt last probed (TierStore.probe)
+        # block key -> key of the value holding it, as last probed (TierStore.probe)
         self.cover: dict[bytes, bytes] = {}
         self.down_until = 0.0
         self.warned = self.warned_corrupt = False

@@ -99,6 +99,7 @@ class Entry:
     tokens: tuple[int, ...]
     created: float
     crc: int
+    hcrc: int
 
 
 class DirectoryInUse(TierlmError):
@@ -143,7 +144,8 @@ def parse_header(buf, at: int) -> tuple[dict, list[tuple], int] | None:
     for key, parent, nt, nbytes in entries:
         blocks.append((key, parent, tokens[t:t + nt], nbytes))
         t += nt
-    return {"payload": plen, "fingerprint": fp, "layout": layout, "created": created, "crc": crc}, blocks, end + 4 - at
+    return ({"payload": plen, "fingerprint": fp, "layout": layout, "created": created, "crc": crc, "hcrc": hcrc},
+            blocks, end + 4 - at)
 
 
 class SegmentStore:
@@ -251,7 +253,7 @@ class SegmentStore:
                 self.corrupt += 1                       # whole, but its tokens do not make its key
             else:
                 self.index[key] = Entry(n, at, length, hlen, slot, off, nbytes, head["fingerprint"], parent,
-                                        head["layout"], tuple(tokens), head["created"], head["crc"])
+                                        head["layout"], tuple(tokens), head["created"], head["crc"], head["hcrc"])
             off += nbytes
 
     def has(self, key: bytes) -> bool:
@@ -333,7 +335,8 @@ class SegmentStore:
             self.segments[n] = at + size
             self.used[n] = time.time()
             *_, created, crc = HEAD.unpack_from(head)
-            fields = {"fingerprint": fingerprint, "layout": layout, "created": created, "crc": crc}
+            fields = {"fingerprint": fingerprint, "layout": layout, "created": created, "crc": crc,
+                      "hcrc": struct.unpack_from("<I", head, len(head) - 4)[0]}
             self._index_record(n, at, size, len(head), fields, [(k, p, tuple(t), len(b)) for k, p, t, b in blocks])
             if self.nbytes() > self.budget:
                 self.evict()
@@ -418,42 +421,49 @@ class SegmentStore:
                 self.used[first.segment] = now
                 if into is None:
                     view = self._map(first.segment, first.offset, end)
+                    fill, close = (lambda n: True), (lambda: None)
                 else:
-                    view = self._read(first.segment, first.offset, into[:end - first.offset])
-                    into = into[end - first.offset:]
-                for blocks in run:
-                    e0 = blocks[0][1]
-                    at = e0.offset - first.offset
-                    ok = self._intact(view, at, e0, fingerprint)
-                    names, body = at + HEAD.size, at + e0.head       # the header's keys; the payload
-                    for i, e in blocks:
-                        k = names + e.slot * BLOCK.size
-                        if ok and view[k:k + 32] == keys[i]:
-                            out[i] = view[body + e.at:body + e.at + e.size]      # no copy
+                    view, into = into[:end - first.offset], into[end - first.offset:]
+                    fill, close = self._reader(first.segment, first.offset, view)
+                try:
+                    for blocks in run:
+                        e0 = blocks[0][1]
+                        at = e0.offset - first.offset
+                        body = at + e0.head
+                        if fill(at + e0.length) and self._intact(view, at, e0, fingerprint):
+                            for i, e in blocks:
+                                out[i] = view[body + e.at:body + e.at + e.size]      # no copy
                         else:
-                            self.corrupt += 1
-                            self.index.pop(keys[i], None)
+                            for i, _ in blocks:
+                                self.corrupt += 1
+                                self.index.pop(keys[i], None)
+                finally:
+                    close()
             return out
 
-    def _read(self, segment: int, start: int, out: memoryview) -> memoryview:
-        """Bytes from `start` of a segment read into `out`, in 1 MiB reads (as the kernel
-        reads ahead); the part filled (short if the file is gone or short)."""
+    def _reader(self, segment: int, start: int, out: memoryview):
+        """(fill, close): fill(n) reads the segment from `start` into out[:n], 1 MiB at a
+        time, so that checking one record overlaps the kernel's read-ahead of the next; it
+        says whether out[:n] now holds those bytes (not if the file is gone or short)."""
         try:
             fd = os.open(self._segment_path(segment), os.O_RDONLY)
         except OSError:
-            return out[:0]
-        try:
-            n = 0
-            while n < len(out):
-                got = os.preadv(fd, [out[n:n + READ_BYTES]], start + n)
+            return (lambda n: False), (lambda: None)
+        done = 0
+
+        def fill(n: int) -> bool:
+            nonlocal done
+            while done < n:
+                try:
+                    got = os.preadv(fd, [out[done:done + READ_BYTES]], start + done)
+                except OSError:
+                    got = 0
                 if got <= 0:
-                    break
-                n += got
-        except OSError:
-            n = 0
-        finally:
-            os.close(fd)
-        return out[:n]
+                    return False
+                done += got
+            return True
+
+        return fill, lambda: os.close(fd)
 
     def _map(self, segment: int, start: int, end: int) -> memoryview:
         """Bytes [start, end) of a segment, mapped copy-on-write (writable for torch, never
@@ -477,14 +487,15 @@ class SegmentStore:
 
     @staticmethod
     def _intact(view: memoryview, at: int, e: Entry, fingerprint: bytes) -> bool:
-        """The record at view[at:] as read now: whole, header checksum, fingerprint as
-        expected, payload checksum (the header's tokens were checked against the keys when
-        indexed, and the header checksum covers both)."""
+        """The record at view[at:] as read now: whole, its header the one indexed (the same
+        checksum, which covers every key and token id, checked against each other when
+        indexed) and intact, fingerprint as expected, payload checksum."""
         if at + e.length > len(view):
             return False
         head_end = at + e.head - 4
         (hcrc,) = struct.unpack_from("<I", view, head_end)
-        return (zlib.crc32(view[at:head_end]) == hcrc and view[at + FP_AT:at + FP_AT + 32] == fingerprint
+        return (hcrc == e.hcrc and zlib.crc32(view[at:head_end]) == hcrc
+                and view[at + FP_AT:at + FP_AT + 32] == fingerprint
                 and zlib.crc32(view[at + e.head:at + e.length]) == e.crc)
 
     def verify(self) -> tuple[int, int]:
