@@ -346,3 +346,23 @@ def test_serve_metrics_show_the_remote_tier(shared_url, tmp_path):
     assert values[("tierlm_prefix_hit_tokens_total", (("tier", "remote"),))] == 4 * 16
     assert values[("tierlm_cache_bytes", (("tier", "remote"),))] > 0
     assert values[("tierlm_kv_remote_errors_total", ())] == 0
+
+
+def test_generate_cli_with_a_remote_tier(server, tmp_path):
+    """`tierlm generate --kv-tiers host,redis://... --remote-cache --cache-ttl`: a second run
+    (a new process' engine) is served from the remote tier, with the same tokens."""
+    _, path = te.MAKERS["llama"](tmp_path / "llama")
+    args = ["generate", str(path), "--prompt-ids", ",".join(map(str, LONG)), "-n", "4", "--ignore-eos",
+            "--kv-tiers", f"host,{server.url}", "--remote-cache", "1GiB", "--cache-ttl", "1h",
+            "--tier-policy", "reload", "--dtype", "fp64", "--json"]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["token_ids"] == b["token_ids"] and a["prefix_hit_tokens_by_tier"]["remote"] == 0
+    assert b["prefix_hit_tokens_by_tier"]["remote"] == 4 * 16
+    assert 0 < server.client().ttl(next(iter(server.client().keys(b"tierlm:*:b:*")))) <= 3600
+    bad = runner.invoke(app, args[:-1] + ["--json", "--cache-ttl", "soon"])
+    assert bad.exit_code == 2 and "--cache-ttl must be a positive duration" in bad.output

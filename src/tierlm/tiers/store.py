@@ -41,6 +41,7 @@ TIERS = ("host", "disk")                   # and, last, a remote store's URL (re
 DISK_READ_GUESS = 2e9      # bytes/s a disk reload is assumed to read at until one is measured
 POLICIES = ("auto", "reload", "recompute")
 WRITES = ("through", "back")
+COVER_MAX = 1 << 20                         # block keys remembered as held by the remote store
 
 
 class HostTier:
@@ -209,6 +210,8 @@ class TierStore:
             if ends[-1] < c - 1:
                 break
         cover.update((r, r) for r in resumes if r in held)
+        if len(self.remote.cover) > COVER_MAX:      # bounded: older prompts are simply probed again
+            self.remote.cover.clear()
         for k in chain + resumes:                   # what this probe did not find is gone
             if k not in cover:
                 self.remote.cover.pop(k, None)
