@@ -214,7 +214,9 @@ def test_corrupt_and_foreign_values_are_dropped(family, server):
             assert run(fresh, follow) == want[tuple(follow)]
         stats = fresh.stats()
         assert len(remote_warnings(caught)) == 1 and "1 value(s) failed verification" in remote_warnings(caught)[0]
-        assert stats["corrupt_blocks_dropped"] >= 1 and stats["prefix_hit_tokens_by_tier"]["remote"] == 0
+        # never the bad value's 6 blocks; the prompt-end value of LONG (blocks 0-3) may serve when
+        # the read-ahead thread dropped the bad one before the match looked
+        assert stats["corrupt_blocks_dropped"] >= 1 and stats["prefix_hit_tokens_by_tier"]["remote"] in (0, 4 * 16)
         assert c.get(victim) != bad                            # deleted (then stored again, recomputed)
         fresh.close()
     assert h

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import warnings
 import zlib
@@ -178,6 +179,7 @@ class RemoteTier:
         self.cover: dict[bytes, bytes] = {}
         self.down_until = 0.0
         self.warned = self.warned_corrupt = False
+        self._warn_mu = threading.Lock()
         self.stats = {"errors": 0, "corrupt": 0, "bytes": 0, "gets": 0, "sets": 0}
         self.latency, self.bandwidth = self._measure()
 
@@ -197,14 +199,21 @@ class RemoteTier:
             self.stats["errors"] += 1
             self.cover.clear()                  # it may come back empty
             self.down_until = time.monotonic() + self.RETRY_S
-            if not self.warned:
-                self.warned = True
+            if self._first("warned"):
                 warnings.warn(f"remote tier {self.url} unavailable ({type(e).__name__}: {e}): prefixes it holds are "
                               f"recomputed and new blocks are not shared until it answers again (retried every "
                               f"{self.RETRY_S:g} s)", RuntimeWarning, stacklevel=3)
             return None
         self.warned = False                     # answering again: a later outage warns again
         return out
+
+    def _first(self, flag: str) -> bool:
+        """Set a warned-once flag; True for the one caller that set it (the engine, read-ahead
+        and writer threads all call the server)."""
+        with self._warn_mu:
+            first = not getattr(self, flag)
+            setattr(self, flag, True)
+            return first
 
     def _measure(self) -> tuple[float, float]:
         """(seconds of a round trip, a first guess of the link's read bandwidth) for the policy;
@@ -256,8 +265,7 @@ class RemoteTier:
         if bad:
             self.stats["corrupt"] += len(bad)
             self._call(self.client.delete, *map(self.key, bad))
-            if not self.warned_corrupt:
-                self.warned_corrupt = True
+            if self._first("warned_corrupt"):
                 warnings.warn(f"remote tier {self.url}: {len(bad)} value(s) failed verification (damaged, or not "
                               "these blocks of this model) and were deleted; their prefixes are recomputed",
                               RuntimeWarning, stacklevel=2)
