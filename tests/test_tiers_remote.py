@@ -368,3 +368,19 @@ def test_generate_cli_with_a_remote_tier(server, tmp_path):
     assert 0 < server.client().ttl(next(iter(server.client().keys(b"tierlm:*:b:*")))) <= 3600
     bad = runner.invoke(app, args[:-1] + ["--json", "--cache-ttl", "soon"])
     assert bad.exit_code == 2 and "--cache-ttl must be a positive duration" in bad.output
+
+
+def test_write_back_sends_chunks_at_once(family, shared_url):
+    """With tier_write="back", chunks still reach the server as they complete (resume records
+    wait for the host tier to evict them or for close); a new engine then hits the prefix."""
+    _, path, want = family
+    llm = remote_engine(path, shared_url, tier_write="back")
+    assert run(llm, LONG) == want[tuple(LONG)]
+    llm.store._queue.join()
+    assert llm.stats()["tier_bytes"]["remote"] > 0                 # before close
+    llm.close()
+    fresh = remote_engine(path, shared_url)
+    follow = follow_up(want)
+    assert run(fresh, follow) == want[tuple(follow)]
+    assert fresh.stats()["prefix_hit_tokens_by_tier"]["remote"] == 6 * fresh.block
+    fresh.close()
