@@ -164,7 +164,8 @@ class CacheManager:
         n_dev = self._longest(len(chain), lambda i: hit(0, i) is not None, device_window)
         n, plan = n_dev, None
         if self.store is not None:
-            self.store.probe(chain)                    # a remote store: one round trip
+            if n_dev < len(chain):
+                self.store.probe(chain)                # a remote store: one round trip
             n = self._longest(len(chain), lambda i: hit(0, i) is not None or self.store.where(chain[i]) is not None,
                               lambda n: device_window(n) or self.store.where(self.store.resume_key(chain[n - 1])))
             if n > n_dev:

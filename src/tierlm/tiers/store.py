@@ -404,6 +404,8 @@ class TierStore:
                 self._fetch.task_done()
 
     def _read_ahead(self, chain: list[bytes], start: int) -> None:
+        if start >= len(chain):
+            return                                  # all on the device
         self.probe(chain)
         keys = []
         for k in chain[start:]:
