@@ -169,7 +169,7 @@ def _tier_options(cache_dir: Optional[str], kv_tiers: Optional[str], host_cache:
     --remote-cache / --cache-ttl options."""
     from .units import parse_bytes, parse_seconds
     return {"cache_dir": cache_dir, "tier_policy": tier_policy, "tier_write": tier_write,
-            "kv_tiers": tuple(t.strip() for t in kv_tiers.split(",") if t.strip()) if kv_tiers else None,
+            "kv_tiers": kv_tiers,                   # "host,disk,redis://...": LLM splits it
             "host_cache_bytes": parse_bytes(host_cache, "--host-cache") if host_cache else None,
             "disk_cache_bytes": parse_bytes(disk_cache, "--disk-cache") if disk_cache else None,
             "remote_cache_bytes": parse_bytes(remote_cache, "--remote-cache") if remote_cache else None,

@@ -36,7 +36,7 @@ class LLM:
                  cache_bytes: int | None = None, block_size: int | None = None, enable_prefix_caching: bool = True,
                  speculative: dict | None = None, kv_dtype: str = "auto", indexer_dtype: str | None = None,
                  reference: str = "official", cache_dir: str | os.PathLike | None = None,
-                 kv_tiers: tuple[str, ...] | list[str] | None = None, host_cache_bytes: int | None = None,
+                 kv_tiers: tuple[str, ...] | list[str] | str | None = None, host_cache_bytes: int | None = None,
                  disk_cache_bytes: int | None = None, tier_policy: str = "auto", experts_on: str = "device",
                  device_expert_bytes: int | None = None, engram_on: str = "device", tier_write: str = "through",
                  remote_cache_bytes: int | None = None, cache_ttl_s: float | None = None):

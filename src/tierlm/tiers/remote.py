@@ -180,8 +180,8 @@ class RemoteTier:
         self.down_until = 0.0
         self.warned = self.warned_corrupt = False
         self._warn_mu = threading.Lock()
-        self.stats = {"errors": 0, "corrupt": 0, "bytes": 0, "gets": 0, "sets": 0}
-        self.latency, self.bandwidth = self._measure()
+        self.stats = {"errors": 0, "corrupt": 0, "bytes": 0}
+        self.latency = self._round_trip()
 
     def key(self, block: bytes) -> bytes:
         return self.ns + b"b:" + block.hex().encode()
@@ -215,10 +215,10 @@ class RemoteTier:
             setattr(self, flag, True)
             return first
 
-    def _measure(self) -> tuple[float, float]:
-        """(seconds of a round trip, a first guess of the link's read bandwidth) for the policy;
-        the bandwidth is then learned from every remote read. Writes nothing: a full server
-        must not refuse an engine's start."""
+    def _round_trip(self) -> float:
+        """Seconds of a round trip (a guess when the server does not answer), the remote
+        tier's latency in the policy. Writes nothing: a full server must not refuse an
+        engine's start."""
         def run():
             self.client.ping()
             t = time.perf_counter()
@@ -226,7 +226,7 @@ class RemoteTier:
             return time.perf_counter() - t
 
         rtt = self._call(run)
-        return (rtt if rtt is not None else 1e-3), LINK_GUESS
+        return rtt if rtt is not None else 1e-3
 
     # ------------------------------------------------------------------ runs
     def probe(self, keys: list[bytes]) -> set[bytes]:
@@ -261,7 +261,6 @@ class RemoteTier:
             if run is None and v is not None:
                 bad.append(k)
             out[i] = run
-            self.stats["gets"] += len(run or ())
         if bad:
             self.stats["corrupt"] += len(bad)
             self._call(self.client.delete, *map(self.key, bad))
@@ -305,7 +304,6 @@ class RemoteTier:
         if total is None:
             return False
         self.stats["bytes"] = int(total)
-        self.stats["sets"] += sum(map(len, runs))
         return True
 
     def nbytes(self) -> int:

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import TierlmError
 from ..runtime.blocks import block_hash
-from .remote import RemoteTier, is_remote
+from .remote import LINK_GUESS, RemoteTier, is_remote
 from .segment import DEFAULT_TTL_S, RUN_BYTES, SegmentStore, Staging
 
 TIERS = ("host", "disk")                   # and, last, a remote store's URL (redis://...)
@@ -160,7 +160,7 @@ class TierStore:
         self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(DISK_READ_GUESS)}
         self.latency = dict(self.LATENCY)
         if self.remote is not None:
-            self.bandwidth["remote"] = Rate(self.remote.bandwidth)
+            self.bandwidth["remote"] = Rate(LINK_GUESS)
             self.latency["remote"] = self.remote.latency
         self.flops = Rate(_matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
