@@ -131,6 +131,8 @@ class CacheManager:
     def _save_chunk(self, seq: Sequence, i: int) -> None:
         """Send the prefix chunk ending at block i (or the unfinished tail of one, ending
         there) to the remote store as one value, pages taken from the blocks seq holds."""
+        if self.store.remote is None:
+            return
         a = i // self.store.CHUNK_BLOCKS * self.store.CHUNK_BLOCKS
         table = seq.tables.get(0, [])
         if 0 in self.groups and not all(j < len(table) and table[j] >= 0 for j in range(a, i + 1)):

@@ -251,7 +251,7 @@ class TierStore:
         """Queue chained blocks (a chunk of the prefix, or its unfinished tail) for the remote
         store as one value: their per-token pages gathered from physical blocks `blocks` of
         group 0, one indexed copy per stream."""
-        if self.remote is None or self.remote.cover.get(keys[-1]) == keys[-1]:
+        if self.remote.cover.get(keys[-1]) == keys[-1]:
             return
         if blocks is not None and self.keys_of[0]:
             device = self.pools.pages[self.keys_of[0][0]].device
