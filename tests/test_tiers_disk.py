@@ -81,6 +81,26 @@ def test_torn_tail_is_cut_at_start(tmp_path):
     assert len(SegmentStore(d, 1 << 30, read_only=True).index) == 5
 
 
+def test_segments_of_another_format_version_are_dropped_with_one_warning(tmp_path):
+    d = tmp_path / "kv"
+    s = SegmentStore(d, 1 << 30)
+    fill(s, blocks(5))
+    s.close()
+    seg = next(d.glob("seg-*.log"))
+    with open(seg, "r+b") as fh:                              # as an older tierlm wrote it
+        fh.seek(len(segment.MAGIC))
+        fh.write((segment.FORMAT_VERSION - 1).to_bytes(2, "little"))
+    with pytest.warns(UserWarning, match=f"record format {segment.FORMAT_VERSION - 1} .* are ignored"):
+        ro = SegmentStore(d, 1 << 30, read_only=True)
+    assert ro.index == {} and ro.stale == 1 and ro.corrupt == 0 and seg.exists()
+    with pytest.warns(UserWarning, match="are removed"):
+        s = SegmentStore(d, 1 << 30)
+    assert s.index == {} and not seg.exists()
+    fill(s, blocks(5))                                        # the directory is usable again
+    s.close()
+    assert len(SegmentStore(d, 1 << 30, read_only=True).index) == 5
+
+
 @pytest.mark.parametrize("staged", [False, True], ids=["mapped", "staged"])
 @pytest.mark.parametrize("damage", ["payload_bit", "header_bit", "foreign", "tokens"])
 def test_corruption_is_detected_and_dropped(tmp_path, damage, staged):
@@ -101,7 +121,7 @@ def test_corruption_is_detected_and_dropped(tmp_path, damage, staged):
         fill(s, items)
     s.close()
     seg = next(d.glob("seg-*.log"))
-    rec = segment.HEAD.size + segment.BLOCK.size + 16 * 8 + 4 + 3000     # one record's length
+    rec = segment.HEAD.size + segment.BLOCK.size + 16 * 8 + segment.SUM.size + 3000     # one record's length
     if damage.endswith("bit"):
         at = 2 * rec + (segment.HEAD.size + 40 if damage == "header_bit" else rec - 10)
         with open(seg, "r+b") as fh:
@@ -162,8 +182,8 @@ def test_run_records_hold_chained_blocks(tmp_path, staged):
     assert s.put_run(FP, b"L" * 32, run)
     fill(s, items[10:])
     assert s.put_run(FP, b"L" * 32, run[:3]) is False           # all held already: nothing written
-    one = segment.HEAD.size + segment.BLOCK.size + 16 * 8 + 4 + 3000
-    first = segment.HEAD.size + 10 * (segment.BLOCK.size + 16 * 8) + 4 + 10 * 3000
+    one = segment.HEAD.size + segment.BLOCK.size + 16 * 8 + segment.SUM.size + 3000
+    first = segment.HEAD.size + 10 * (segment.BLOCK.size + 16 * 8) + segment.SUM.size + 10 * 3000
     assert s.nbytes() == first + 3 * one                        # one record for the run, one per single block
     want = {k: p for _, k, _, p in items}
     pick = [items[i][1] for i in (11, 3, 2, 9)]

@@ -36,12 +36,11 @@ import re
 import threading
 import time
 import warnings
-import zlib
 from urllib.parse import urlsplit
 
 from ..errors import TierlmError
 from ..runtime.blocks import block_hash
-from .segment import FORMAT_VERSION, encode_record, parse_header
+from .segment import FORMAT_VERSION, checksum, encode_record, parse_header
 
 SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_TIMEOUT_S = 0.5            # per operation; a slower server is treated as down for RETRY_S
@@ -146,7 +145,7 @@ def decode(value, key: bytes, fingerprint: bytes, layout: bytes | None) -> list[
             or (layout is not None and head["layout"] != layout) or len(value) != hlen + head["payload"]):
         return None
     body = memoryview(value)[hlen:]
-    if zlib.crc32(body) != head["crc"]:
+    if checksum(body) != head["crc"]:
         return None
     out, at, prev = [], 0, blocks[0][1]
     for k, parent, tokens, nbytes in blocks:
