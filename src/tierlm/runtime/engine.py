@@ -16,7 +16,7 @@ import torch
 
 from ..dtypes import canonical
 from ..errors import TierlmError
-from ..model.layers import column_major_linears
+from ..model.layers import use_fast_linears
 from ..spec.cache import block_size as default_block_size, entries_per_page, held_pages, layer_cache_streams
 from ..plan.layouts import tierlm_record_bytes
 from .manager import CacheManager
@@ -68,7 +68,7 @@ class LLM:
             offload_engram(self.model, engram_on, self._mmap() if engram_on == "disk" else None)
         if hasattr(self.model, "set_reference"):
             self.model.set_reference(reference, exact_fp32=False)
-        column_major_linears(self.model)
+        use_fast_linears(self.model)
         self.spec = spec = self.model.spec
         weight = next(self.model.parameters())
         self.dtype, self.device = weight.dtype, weight.device

@@ -62,7 +62,7 @@ from torch import nn
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec, RopeConfig
 from ..cache import Cache
-from ..layers import SwiGLU, rope_inv_freq
+from ..layers import SwiGLU, linear, rope_inv_freq
 from ..moe import dispatch
 from ..ops import Step, gather, store
 from ..quant import fake_quant, hadamard
@@ -345,7 +345,7 @@ class MLA(nn.Module):
             scores = (torch.einsum(f"bthc,{ks}c->bhtk", q_lat, latent)
                       + torch.einsum(f"bthr,{ks}r->bhtk", q_pe, k_pe)) * a.softmax_scale
         else:          # decompress K/V for every head
-            kv_full = F.linear(latent, self.kv_b_proj.weight).unflatten(-1, (H, N + V))   # [B,(T,)S|K,H,N+V]
+            kv_full = linear(latent, self.kv_b_proj.weight).unflatten(-1, (H, N + V))   # [B,(T,)S|K,H,N+V]
             k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], H, R)], dim=-1)
             scores = torch.einsum(f"bthd,{ks}hd->bhtk", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
@@ -530,7 +530,7 @@ class DeepseekForCausalLM(nn.Module):
         return self._run(self.model.layers[: self.args.n_layers], x, step)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.model.norm(h), self.head_weight())
+        return linear(self.model.norm(h), self.head_weight())
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """logits [B,T,V] of input_ids [B,T] appended to `cache` (none: a fresh sequence)."""
@@ -559,7 +559,7 @@ class DeepseekForCausalLM(nn.Module):
         x = blk.eh_proj(torch.cat([e, blk.hnorm(hidden)], dim=-1))
         x = self._run([blk], x, step)
         head = blk.shared_head.head.weight if hasattr(blk.shared_head, "head") else self.head_weight()
-        return x, F.linear(blk.shared_head.norm(x), head)
+        return x, linear(blk.shared_head.norm(x), head)
 
     def forward_with_draft(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B,T,V], draft logits [B,T-1,V]) for a full sequence (teacher forcing)."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..layers import rope_cos_sin, rope_inv_freq
+from ..layers import linear, rope_cos_sin, rope_inv_freq
 from ..ops import Step
 from . import gqa
 
@@ -155,7 +155,7 @@ class CausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return _softcap(F.linear(h, head), self.final_softcap)
+        return _softcap(linear(h, head), self.final_softcap)
 
 
 def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:

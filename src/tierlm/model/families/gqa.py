@@ -19,7 +19,7 @@ from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..ops import Step, gather, store
 from ..engram import Engram, EngramHashing
-from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, linear, rope_cos_sin, rope_inv_freq
 from ..moe import dispatch
 
 
@@ -239,7 +239,7 @@ class CausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return F.linear(h, head)
+        return linear(h, head)
 
 
 def build(spec: ModelSpec, checkpoint_names: Iterable[str] = ()) -> CausalLM:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..layers import RMSNorm, SwiGLUW, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLUW, linear, rope_cos_sin, rope_inv_freq
 from ..moe import dispatch
 from ..ops import Step
 from . import gqa
@@ -45,8 +45,8 @@ class FusedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(experts, dim, hidden))
 
     def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj[e])
 
 
 class SparseMoE(nn.Module):

@@ -1,0 +1,68 @@
+"""`model.layers.linear`: the engine's CPU linear (oneDNN) against a float64 product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierlm.model import layers
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (2, 3, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_a_float64_product(dtype, tol, shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(11, 7, generator=g)
+    b = torch.randn(11, generator=g) if bias else None
+    want = F.linear(x.double(), w.double(), b.double() if bias else None)
+    got = layers.linear(x.to(dtype), w.to(dtype), b.to(dtype) if bias else None)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], 11)
+    scale = want.abs().max()
+    assert (got.double() - want).abs().max() <= tol * scale
+
+
+def test_linear_uses_onednn_when_torch_has_it():
+    if torch.backends.mkldnn.is_available():
+        assert layers.ONEDNN
+
+
+def test_linear_is_independent_of_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(16, 256, generator=g), torch.randn(512, 256, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layers.linear(x, w)
+        torch.set_num_threads(2)
+        two = layers.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_training_and_float64_keep_f_linear():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(layers.linear(x, w), F.linear(x, w))
+    wf = torch.randn(4, 3, requires_grad=True)
+    layers.linear(torch.randn(2, 3), wf).sum().backward()         # autograd goes through F.linear
+    assert wf.grad is not None and wf.grad.shape == (4, 3)
+
+
+def test_use_fast_linears_keeps_parameters_and_state_dict():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+        assert layers.use_fast_linears(model) == 2
+        got = model(x)
+    assert all(type(m) is layers.Linear for m in (model[0], model[2]))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert torch.allclose(got, want, atol=1e-5)
