@@ -11,23 +11,30 @@ from tierlm.model import layers
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (2, 3, 7)])
+@pytest.mark.parametrize("rows", [(), (1,), (5,), (2, 3), (4, 8)])
+@pytest.mark.parametrize("out,inp", [(11, 7), (512, 384)], ids=["small", "onednn"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_a_float64_product(dtype, tol, shape, bias):
+def test_linear_matches_a_float64_product(dtype, tol, rows, out, inp, bias):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g)
-    w = torch.randn(11, 7, generator=g)
-    b = torch.randn(11, generator=g) if bias else None
+    x = torch.randn(*rows, inp, generator=g)
+    w = torch.randn(out, inp, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
     want = F.linear(x.double(), w.double(), b.double() if bias else None)
     got = layers.linear(x.to(dtype), w.to(dtype), b.to(dtype) if bias else None)
-    assert got.dtype == dtype and got.shape == (*shape[:-1], 11)
+    assert got.dtype == dtype and got.shape == (*rows, out)
     scale = want.abs().max()
     assert (got.double() - want).abs().max() <= tol * scale
 
 
-def test_linear_uses_onednn_when_torch_has_it():
+def test_linear_uses_onednn_for_large_products_when_torch_has_it(monkeypatch):
     if torch.backends.mkldnn.is_available():
         assert layers.ONEDNN
+    calls = []
+    real = layers._onednn
+    monkeypatch.setattr(layers, "_onednn", lambda *a: calls.append(tuple(a[1].shape)) or real(*a))
+    layers.linear(torch.randn(1, 768), torch.randn(256, 768))
+    layers.linear(torch.randn(16, 64), torch.randn(64, 64))      # 4K elements: F.linear
+    assert calls == ([(256, 768)] if layers.ONEDNN else [])
 
 
 def test_linear_is_independent_of_the_thread_count():
