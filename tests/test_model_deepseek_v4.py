@@ -282,3 +282,15 @@ def test_rename_official_names():
     assert v4.rename("layers.3.attn.compressor.ape") == "model.layers.3.attn.compressor.ape"
     assert v4.rename("model.layers.0.attn.wkv.weight") == "model.layers.0.attn.wkv.weight"
     assert v4.rename("head.weight") == "head.weight" and v4.rename("mtp.0.e_proj.weight") == "mtp.0.e_proj.weight"
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, 40])
+def test_stable_topk_equals_a_stable_sort(k):
+    """The indexer's top-k: the same indices, in the same order, as a full stable descending
+    sort, with many exact ties (ReLU zeros, repeated values) and -inf (future entries)."""
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 6, (3, 4, 40), generator=g).float()               # ties everywhere
+    scores[scores == 0] = float("-inf")
+    scores[0, 0] = 0.0                                                           # one row all tied
+    want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(v4.stable_topk(scores, k), want)
