@@ -85,10 +85,12 @@ class Staging:
         return view
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """Where one block lies: in the record at `offset` (`length` bytes, header `head` bytes,
-    payload crc `crc`), entry `slot` of its header, payload bytes [at, at + size) of the record's."""
+    payload crc `crc`), entry `slot` of its header, payload bytes [at, at + size) of the record's.
+    `record` is (segment, offset), one object shared by the record's blocks: a reload groups
+    thousands of blocks by it."""
     segment: int
     offset: int
     length: int
@@ -103,6 +105,7 @@ class Entry:
     created: float
     crc: int
     hcrc: int
+    record: tuple[int, int]
 
 
 class DirectoryInUse(TierlmError):
@@ -276,13 +279,14 @@ class SegmentStore:
         return True
 
     def _index_record(self, n: int, at: int, length: int, hlen: int, head: dict, blocks) -> None:
-        off = 0
+        off, record = 0, (n, at)
         for slot, (key, parent, tokens, nbytes) in enumerate(blocks):
             if block_hash(parent, tokens) != key:
                 self.corrupt += 1                       # whole, but its tokens do not make its key
             else:
                 self.index[key] = Entry(n, at, length, hlen, slot, off, nbytes, head["fingerprint"], parent,
-                                        head["layout"], tuple(tokens), head["created"], head["crc"], head["hcrc"])
+                                        head["layout"], tuple(tokens), head["created"], head["crc"], head["hcrc"],
+                                        record)
             off += nbytes
 
     def has(self, key: bytes) -> bool:
@@ -430,10 +434,15 @@ class SegmentStore:
         with self._mu:
             out: list[memoryview | None] = [None] * len(keys)
             wanted: dict[tuple[int, int], list[tuple[int, Entry]]] = {}     # record -> (i, block)
+            find = self.index.get
             for i, k in enumerate(keys):
-                e = self.index.get(k)
+                e = find(k)
                 if e is not None:
-                    wanted.setdefault((e.segment, e.offset), []).append((i, e))
+                    group = wanted.get(e.record)
+                    if group is None:
+                        wanted[e.record] = [(i, e)]
+                    else:
+                        group.append((i, e))
             runs: list[list[list[tuple[int, Entry]]]] = []
             last = None
             for rec in sorted(wanted):
