@@ -58,11 +58,28 @@ class StreamView:
         return out
 
 
+    def targets(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(flat slots, flat rows) of the held entries among index [B, ...]; rows None when all
+        are held (a decode step: the write is then one indexed copy). Kept for the step, like
+        `slots`: every layer stores at the same indices."""
+        key = ("targets", id(self.table), self.per_page, id(index))
+        hit = self.memo.get(key)
+        if hit is not None and hit[0] is index:
+            return hit[1], hit[2]
+        slot, ok = self.slots(index)
+        slot, ok = slot.reshape(-1), ok.reshape(-1)
+        rows = None if bool(ok.all()) else ok.nonzero().squeeze(1)
+        out = (slot if rows is None else slot[rows]), rows
+        self.memo[key] = (index, *out)
+        return out
+
+
 def store(view: StreamView, index: torch.Tensor, x: torch.Tensor) -> None:
     """Write x [B, ..., width] at logical entries index [B, ...] (-1: skip)."""
-    slot, ok = view.slots(index)
+    slot, rows = view.targets(index)
+    x = x.reshape(-1, x.shape[-1])
     flat = view.pages.view(-1, view.pages.shape[-1])
-    flat[slot[ok]] = encode(view, x[ok])
+    flat[slot] = encode(view, x if rows is None else x[rows])
 
 
 def gather(view: StreamView, index: torch.Tensor) -> torch.Tensor:
@@ -127,6 +144,16 @@ class Step:
         """[B, T] logical index of the entry each new token completes (ratio r: one entry per
         r tokens, made by the token at position r*i + r - 1), -1 where it completes none."""
         return self._memo(("new", ratio), self._new_index, ratio)
+
+    def visible(self, window: int = 0) -> torch.Tensor:
+        """[B, T, S] which of key_index(window) each query sees: causal, and within the
+        window when there is one. One mask per step for all layers alike."""
+        return self._memo(("visible", window), self._visible, window)
+
+    def _visible(self, window: int) -> torch.Tensor:
+        kp, qp = self.key_index(window)[:, None, :], self.positions[:, :, None]
+        mask = (kp >= 0) & (kp <= qp)
+        return mask & (kp > qp - window) if window else mask
 
     def key_index(self, window: int = 0) -> torch.Tensor:
         """[B, S] logical positions the step's queries may need: all cached and new ones, or

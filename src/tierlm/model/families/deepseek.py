@@ -207,12 +207,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def visible(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """keys [B, S] logical positions (-1: none), positions [B, T] -> causal mask [B, T, S]."""
-    kp, qp = keys.unsqueeze(1), positions.unsqueeze(2)
-    return (kp >= 0) & (kp <= qp)
-
-
 def dense_softmax(scores: torch.Tensor, top: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Softmax of scores [B,H,T,K] at logical positions top [B,T,K] (-1: masked), taken over
     rows of `width` positions with the others -inf as transformers' masked dense softmax is:
@@ -271,7 +265,7 @@ class Indexer(nn.Module):
             scores = F.relu(scores * a.index_dim ** -0.5)
             w = self.weights_proj(x).to(up) * a.index_heads ** -0.5                      # [B,T,h]
         index = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2)                        # [B,T,S]
-        index = index.masked_fill(~visible(keys, step.positions), float("-inf"))
+        index = index.masked_fill(~step.visible(), float("-inf"))
         best, col = index.topk(min(a.index_topk, index.shape[-1]), dim=-1)              # [B,T,K]
         top = torch.take_along_dim(keys.unsqueeze(1), col, dim=-1)
         return torch.where(best > float("-inf"), top, -1).sort(dim=-1).values
@@ -335,7 +329,7 @@ class MLA(nn.Module):
             ks = "btk"
         else:          # every query of a row reads the row's visible entries
             keys = step.key_index()                                                    # [B,S]
-            entries, mask = gather(view, keys), visible(keys, step.positions)          # [B,S,C+R], [B,T,S]
+            entries, mask = gather(view, keys), step.visible()                          # [B,S,C+R], [B,T,S]
             ks = "bk"
         latent, k_pe = entries[..., :C], entries[..., C:]
         absorb = a.absorb if a.absorb is not None else sparse or T == 1

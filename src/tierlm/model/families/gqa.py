@@ -75,10 +75,7 @@ class Attention(nn.Module):
         keys = step.key_index(self.window or 0)                            # [B, S] positions
         k = gather(kview, keys).view(B, -1, self.kv_heads, self.head_dim)
         v = gather(vview, keys).view(B, -1, self.kv_heads, v.shape[-1])
-        kp, qp = keys[:, None, :], positions[:, :, None]
-        visible = (kp >= 0) & (kp <= qp)                                   # [B, T, S]
-        if self.window is not None:
-            visible &= kp > qp - self.window
+        visible = step.visible(self.window or 0)                           # [B, T, S]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T or S, D]
         rep = self.heads // self.kv_heads
         if self.sinks is None:
