@@ -30,7 +30,8 @@ def llm(checkpoint):
 
 def test_bad_requests_fail_alone(llm):
     good = [3, 4, 5, 6]
-    outs = llm.generate([good, list(range(1, 60)), [], "text", [1, 500], {"tokens": [1]}, good], GREEDY)
+    outs = llm.generate([good, list(range(1, 60)), [], "text", [1, 500], {"tokens": [1]}, [1, True], [1, 2.0],
+                         [7, -3], good], GREEDY)
     errors = [o.outputs[0].error for o in outs]
     assert errors[0] is None and errors[-1] is None
     assert outs[0].outputs[0].token_ids == outs[-1].outputs[0].token_ids and len(outs[0].outputs[0].token_ids) == 5
@@ -39,6 +40,8 @@ def test_bad_requests_fail_alone(llm):
     assert "no tokenizer.json" in errors[3]
     assert "outside the vocabulary" in errors[4]
     assert "prompt_token_ids" in errors[5]
+    assert "a list of token ids" in errors[6] and "a list of token ids" in errors[7]    # bool, float
+    assert "token id -3 is outside the vocabulary" in errors[8]
     assert all(o.outputs[0].finish_reason == "error" for o in outs[1:-1])
     assert llm.stats()["blocks_in_use"] == 0
 
