@@ -384,3 +384,21 @@ def test_write_back_sends_chunks_at_once(family, shared_url):
     assert run(fresh, follow) == want[tuple(follow)]
     assert fresh.stats()["prefix_hit_tokens_by_tier"]["remote"] == 6 * fresh.block
     fresh.close()
+
+
+def test_reads_pause_garbage_collection_and_restore_it():
+    import gc
+    from tierlm.tiers.remote import _gc_paused
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with _gc_paused():
+            assert not gc.isenabled()
+            raise KeyError("a failing read")
+    assert gc.isenabled()                                   # back on after an error too
+    gc.disable()
+    try:
+        with _gc_paused():
+            pass
+        assert not gc.isenabled()                           # a caller's own choice is kept
+    finally:
+        gc.enable()
