@@ -294,3 +294,6 @@ def test_stable_topk_equals_a_stable_sort(k):
     scores[0, 0] = 0.0                                                           # one row all tied
     want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     assert torch.equal(v4.stable_topk(scores, k), want)
+    scores[1, 2, ::3] = float("nan")                                             # a broken model's scores
+    want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(v4.stable_topk(scores, k), want)

@@ -126,8 +126,8 @@ class SwiGLUW(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-
 def _onednn_linear() -> bool:
+    """Whether this torch build has oneDNN's linear (CPU builds for x86 and ARM do)."""
     try:
         torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 2), torch.zeros(3, 2), None, "none", [], "")
         return True

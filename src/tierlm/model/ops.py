@@ -57,7 +57,6 @@ class StreamView:
         self.memo[key] = (index, *out)
         return out
 
-
     def targets(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(flat slots, flat rows) of the held entries among index [B, ...]; rows None when all
         are held (a decode step: the write is then one indexed copy). Kept for the step, like

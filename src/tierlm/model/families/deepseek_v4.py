@@ -148,8 +148,10 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     above, tie = scores > kth, scores == kth
     need = k - above.sum(-1, keepdim=True)                                           # ties to take
     take = above | (tie & (tie.cumsum(-1) <= need))                                 # k per row
-    cols = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
-    idx = cols[take].view(*scores.shape[:-1], k)                                     # index order
+    cols = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)[take]
+    if cols.numel() != take[..., 0].numel() * k:                 # NaN scores: no k-th value to cut at
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    idx = cols.view(*scores.shape[:-1], k)                                           # index order
     order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True).indices
     return idx.gather(-1, order)
 
