@@ -104,8 +104,8 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
 
-    def forward(self, x, positions, cos, sin, step: Step):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, cos, sin, step))
+    def forward(self, x, cos, sin, step: Step):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, step))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -150,7 +150,7 @@ class CausalLM(nn.Module):
                                     rope.attention_factor)
             tables[kind] = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
         for block in self.model.layers:
-            x = block(x, positions, *tables[block.kind], step)
+            x = block(x, *tables[block.kind], step)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -54,9 +54,8 @@ class Attention(nn.Module):
         # gpt-oss: one learned logit per head that joins each softmax denominator (attends to nothing).
         self.sinks = nn.Parameter(torch.empty(g.num_heads)) if g.sinks else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                step: Step) -> torch.Tensor:
-        """x [B, T, D]; positions [B, T]; cos/sin [B, T, rot]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
+        """x [B, T, D]; cos/sin [B, T, rot] at step.positions."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -180,10 +179,10 @@ class Block(nn.Module):
         e = spec.engram
         self.engram = Engram.from_spec(spec, layer.index) if e is not None and layer.index in e.layer_ids else None
 
-    def forward(self, x, positions, cos, sin, step: Step, engram_indices=None):
+    def forward(self, x, cos, sin, step: Step, engram_indices=None):
         if self.engram is not None:
             x = x + self.engram(x, engram_indices[self.engram.layer_id], step)
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, step)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
@@ -231,7 +230,7 @@ class CausalLM(nn.Module):
             if block.engram is not None:
                 block.engram.multi_head_embedding.prefetch(engram[block.engram.layer_id])
         for block in self.model.layers:
-            x = block(x, step.positions, cos, sin, step, engram)
+            x = block(x, cos, sin, step, engram)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

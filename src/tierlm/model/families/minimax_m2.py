@@ -94,8 +94,8 @@ class Block(nn.Module):
         self.ffn_name = "mlp" if fused else "block_sparse_moe"
         setattr(self, self.ffn_name, SparseMoE(spec, fused))
 
-    def forward(self, x, positions, cos, sin, step: Step):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, step)
+    def forward(self, x, cos, sin, step: Step):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
@@ -128,7 +128,7 @@ class CausalLM(nn.Module):
                                 rope.attention_factor)
         cos, sin = cos.view(*step.positions.shape, -1), sin.view(*step.positions.shape, -1)   # [B, T, rot]
         for block in self.model.layers:
-            x = block(x, step.positions, cos, sin, step)
+            x = block(x, cos, sin, step)
         return self.model.norm(x)
 
 
