@@ -10,8 +10,10 @@
 2. Time to first token of a --context-token prompt: recomputed (no tiers) vs reloaded from the
    disk tier by a fresh engine (page cache dropped), on the demo model and a random tiny V4.
 3. The same prefix saved and restored by llama.cpp's state files (`llama_state_save_file` /
-   `llama_state_load_file`, page cache dropped) + evaluating the last token, vs tierlm's disk
-   reload + first token, on the ~100M-parameter Llama of bench_llamacpp.py (f32 both).
+   `llama_state_load_file`, state file fsynced once and page cache dropped before each
+   restore) + evaluating the last token, vs tierlm's disk reload + first token, each in a
+   fresh context / engine, on the ~100M-parameter Llama of bench_llamacpp.py (f32 both).
+   Median of --repeat, alternating.
 
     python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4000] [--repeat 3]
 """
@@ -161,13 +163,14 @@ def bandwidth(d: Path, ids: list[int], repeat: int) -> dict:
             "whole_files_GBps": whole[0][0] / statistics.median(t for _, t in whole) / 1e9}
 
 
-def llamacpp(tmp: Path, context: int, threads: int) -> dict:
+def llamacpp(tmp: Path, context: int, threads: int, repeat: int) -> dict:
     import bench_llamacpp as bl
     import llama_cpp
     ckpt = bl.make_checkpoint(tmp / "llama", "f32")
     gguf_path = bl.write_gguf(ckpt, tmp / "llama.gguf", "f32")
     ids = bl.prompt_ids(context)
-    # llama.cpp: evaluate, save the state file, then restore it in a fresh context
+    # llama.cpp: evaluate and save the state file once (on the disk, so that dropping the page
+    # cache really drops it: dirty pages would stay cached and make the restore a memory copy)
     llm = bl.open_llama_cpp(gguf_path, "f32", context + 16, threads)
     start = time.perf_counter()
     llm.eval(ids[:-1])
@@ -176,27 +179,41 @@ def llamacpp(tmp: Path, context: int, threads: int) -> dict:
     arr = (llama_cpp.llama_token * len(ids))(*ids)
     assert llama_cpp.llama_state_save_file(llm.ctx, str(state).encode(), arr, len(ids) - 1)
     del llm
-    llm = bl.open_llama_cpp(gguf_path, "f32", context + 16, threads)
-    drop_cache([state])
-    out = (llama_cpp.llama_token * (context + 16))()
-    n_out = ctypes.c_size_t(0)
-    start = time.perf_counter()
-    assert llama_cpp.llama_state_load_file(llm.ctx, str(state).encode(), out, context + 16, ctypes.byref(n_out))
-    llm.n_tokens = n_out.value
-    llm.input_ids[:n_out.value] = ids[:n_out.value]
-    cpp_load = time.perf_counter() - start
-    llm.eval(ids[-1:])
-    cpp_restore = time.perf_counter() - start
-    # tierlm: the same weights and prefix through the disk tier
+    fd = os.open(state, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    # tierlm: the same weights and prefix into a disk tier
     d = tmp / "kv-llama"
     ours_prefill = fill(ckpt, d, ids, dtype=torch.float32)
-    ours_reload, stats = reload_ttft(ckpt, d, ids, dtype=torch.float32)
-    assert stats["prefix_hit_tokens_by_tier"]["disk"] > 0
-    return {"context": context, "llamacpp_state_bytes": state.stat().st_size, "llamacpp_prefill_s": cpp_prefill,
-            "llamacpp_restore_s": cpp_restore, "llamacpp_load_s": cpp_load, "tierlm_load_s": stats["reload_seconds"],
-            "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
+
+    def cpp_round() -> tuple[float, float]:
+        """llama.cpp: restore in a fresh context, page cache dropped, then one token."""
+        llm = bl.open_llama_cpp(gguf_path, "f32", context + 16, threads)
+        drop_cache([state])
+        out = (llama_cpp.llama_token * (context + 16))()
+        n_out = ctypes.c_size_t(0)
+        start = time.perf_counter()
+        assert llama_cpp.llama_state_load_file(llm.ctx, str(state).encode(), out, context + 16, ctypes.byref(n_out))
+        llm.n_tokens = n_out.value
+        llm.input_ids[:n_out.value] = ids[:n_out.value]
+        load = time.perf_counter() - start
+        llm.eval(ids[-1:])
+        return time.perf_counter() - start, load
+
+    cpp, ours = [], []
+    for _ in range(repeat):                       # alternating, fresh engines, medians
+        cpp.append(cpp_round())
+        t, stats = reload_ttft(ckpt, d, ids, dtype=torch.float32)
+        assert stats["prefix_hit_tokens_by_tier"]["disk"] > 0
+        ours.append((t, stats["reload_seconds"]))
+    cpp_restore, cpp_load = (statistics.median(x) for x in zip(*cpp))
+    ours_reload, ours_load = (statistics.median(x) for x in zip(*ours))
+    return {"context": context, "repeat": repeat, "llamacpp_state_bytes": state.stat().st_size,
+            "llamacpp_prefill_s": cpp_prefill, "llamacpp_restore_s": cpp_restore, "llamacpp_load_s": cpp_load,
+            "tierlm_load_s": ours_load, "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
             "tierlm_disk_bytes": sum(f.stat().st_size for f in d.glob("seg-*.log")),
-            "ratio": cpp_restore / ours_reload, "load_ratio": cpp_load / stats["reload_seconds"]}
+            "llamacpp_restore_runs_s": [c for c, _ in cpp], "tierlm_reload_runs_s": [t for t, _ in ours],
+            "ratio": cpp_restore / ours_reload, "load_ratio": cpp_load / ours_load}
 
 
 def main() -> None:
@@ -206,13 +223,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-llamacpp", action="store_true")
-    ap.add_argument("--models", default="demo,tiny-v4", help="which of demo,tiny-v4 to run")
+    ap.add_argument("--models", default="demo,tiny-v4", help="which of demo,tiny-v4 to run (empty: only llama.cpp)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-tiers-", dir=os.environ.get("BENCH_DIR")))
     results = {}
     makers = {"demo": lambda: demo.build(demo.DemoSettings())[0],
               "tiny-v4": lambda: bench_engine.make_v4(tmp, max_position=65536)}
-    for name in args.models.split(","):
+    for name in [m for m in args.models.split(",") if m]:
         path = makers[name]()
         d = tmp / f"kv-{name}"
         ids = prompt(path, args.context)
@@ -241,13 +258,15 @@ def main() -> None:
               f"{predicted * 1e3:.1f} ms predicted vs {bw['reload_s'] * 1e3:.1f} ms measured "
               f"({r['planner_vs_measured']:.2f}x)")
     if not args.skip_llamacpp:
-        lc = llamacpp(tmp, args.llamacpp_context, args.threads)
+        lc = llamacpp(tmp, args.llamacpp_context, args.threads, args.repeat)
         results["llamacpp"] = lc
         print(f"llama.cpp state file vs tierlm disk tier, {lc['context']:,}-token prefix, 99.5M Llama f32: "
               f"llama.cpp restore + 1 token {lc['llamacpp_restore_s']:.3f} s ({lc['llamacpp_state_bytes'] / 2**20:.1f} MiB), "
               f"tierlm reload + 1 token {lc['tierlm_reload_s']:.3f} s ({lc['tierlm_disk_bytes'] / 2**20:.1f} MiB): "
               f"tierlm {lc['ratio']:.2f}x faster; prefill llama.cpp {lc['llamacpp_prefill_s']:.1f} s, "
-              f"tierlm {lc['tierlm_prefill_s']:.1f} s")
+              f"tierlm {lc['tierlm_prefill_s']:.1f} s (medians of {lc['repeat']}, alternating: llama.cpp "
+              + ", ".join(f"{t:.3f}" for t in lc["llamacpp_restore_runs_s"]) + " s; tierlm "
+              + ", ".join(f"{t:.3f}" for t in lc["tierlm_reload_runs_s"]) + " s)")
         print(f"  restore alone: llama.cpp llama_state_load_file {lc['llamacpp_load_s']:.3f} s, tierlm reload "
               f"(read, verify, copy into the pools) {lc['tierlm_load_s']:.3f} s: tierlm {lc['load_ratio']:.2f}x faster")
     print(json.dumps(results))

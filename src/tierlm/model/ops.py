@@ -85,7 +85,8 @@ def gather(view: StreamView, index: torch.Tensor) -> torch.Tensor:
     """Entries at logical index [B, ...] -> [B, ..., width]; entries not held read as 0."""
     slot, _ = view.slots(index)
     flat = view.pages.view(-1, view.pages.shape[-1])
-    return decode(view, flat[slot.reshape(-1)]).view(*index.shape, -1)
+    # index_select, not flat[slot]: advanced indexing ran 2-3x slower for these row copies
+    return decode(view, flat.index_select(0, slot.reshape(-1))).view(*index.shape, -1)
 
 
 def encode(view: StreamView, x: torch.Tensor) -> torch.Tensor:
