@@ -110,8 +110,10 @@ def fill(path, d: Path, ids, **kw) -> float:
 
 
 def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
-    drop_cache(sorted(d.glob("seg-*.log")))
+    """TTFT of a fresh engine reloading ids' prefix from the disk tier, the page cache
+    dropped after the engine started (its start reads the record headers)."""
     llm = LLM(path, cache_dir=d, tier_policy="reload", max_model_len=len(ids) + 8, max_num_seqs=1, **kw)
+    drop_cache(sorted(d.glob("seg-*.log")))
     t = ttft(llm, ids)
     stats = llm.stats()
     llm.close()

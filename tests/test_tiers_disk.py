@@ -40,6 +40,19 @@ def fill(store: SegmentStore, items, layout=b"L" * 32):
         assert store.put(FP, key, parent, layout, tokens, payload)
 
 
+def get(s: SegmentStore, keys, mode: str):
+    """Payloads of keys (None where missing or corrupt) as `get_many` gives them, mapped or
+    read into staging memory, or as `read_into` leaves them in destinations of three pieces."""
+    if mode != "direct":
+        return s.get_many(keys, FP, segment.Staging() if mode == "staged" else None)
+    dests = [[bytearray(1000), bytearray(1500), bytearray(500)] for _ in keys]
+    ok = s.read_into(keys, FP, [list(map(memoryview, d)) for d in dests], segment.Staging())
+    return [b"".join(d) if good else None for d, good in zip(dests, ok)]
+
+
+MODES = ["mapped", "staged", "direct"]
+
+
 def test_round_trip_restart_and_permissions(tmp_path):
     d = tmp_path / "kv"
     items = blocks(20)
@@ -101,9 +114,9 @@ def test_segments_of_another_format_version_are_dropped_with_one_warning(tmp_pat
     assert len(SegmentStore(d, 1 << 30, read_only=True).index) == 5
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["mapped", "staged"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("damage", ["payload_bit", "header_bit", "foreign", "tokens"])
-def test_corruption_is_detected_and_dropped(tmp_path, damage, staged):
+def test_corruption_is_detected_and_dropped(tmp_path, damage, mode):
     d = tmp_path / "kv"
     items = blocks(4)
     s = SegmentStore(d, 1 << 30)
@@ -130,8 +143,9 @@ def test_corruption_is_detected_and_dropped(tmp_path, damage, staged):
             fh.seek(at)
             fh.write(bytes([b[0] ^ 0x10]))
     s = SegmentStore(d, 1 << 30)
-    got = s.get_many([k for _, k, _, _ in items], FP, segment.Staging() if staged else None)
+    got = get(s, [k for _, k, _, _ in items], mode)
     assert got[:2] == [items[0][3], items[1][3]] and got[2] is None
+    assert got[3] == (None if damage == "header_bit" else items[3][3])     # a bad header ends the scan
     assert s.corrupt >= 1 and not s.has(items[2][1])
     s.close()
 
@@ -169,12 +183,11 @@ def test_eviction_by_budget_and_ttl(tmp_path, monkeypatch):
     s.close()
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["mapped", "staged"])
-def test_run_records_hold_chained_blocks(tmp_path, staged):
-    """Chained blocks written as one record read back one by one or in any subset, mapped or
-    read into reused staging memory; a flipped payload bit drops exactly that record's
-    blocks; a restart indexes every block."""
-    staging = segment.Staging() if staged else None
+@pytest.mark.parametrize("mode", MODES)
+def test_run_records_hold_chained_blocks(tmp_path, mode):
+    """Chained blocks written as one record read back one by one or in any subset, mapped,
+    read into staging memory or straight into destinations; a flipped payload bit drops
+    exactly that record's blocks; a restart indexes every block."""
     d = tmp_path / "kv"
     items = blocks(13)
     run = [(k, parent, t, p) for parent, k, t, p in items[:10]]
@@ -187,7 +200,7 @@ def test_run_records_hold_chained_blocks(tmp_path, staged):
     assert s.nbytes() == first + 3 * one                        # one record for the run, one per single block
     want = {k: p for _, k, _, p in items}
     pick = [items[i][1] for i in (11, 3, 2, 9)]
-    assert s.get_many(pick, FP, staging) == [want[k] for k in pick]
+    assert get(s, pick, mode) == [want[k] for k in pick]
     s.close()
     seg = next(d.glob("seg-*.log"))
     with open(seg, "r+b") as fh:                                # a bit of block 5's payload
@@ -197,9 +210,26 @@ def test_run_records_hold_chained_blocks(tmp_path, staged):
         fh.write(bytes([b[0] ^ 1]))
     s = SegmentStore(d, 1 << 30)
     assert len(s.index) == 13
-    got = s.get_many([k for _, k, _, _ in items], FP, staging)
+    got = get(s, [k for _, k, _, _ in items], mode)
     assert got[:10] == [None] * 10 and got[10:] == [p for *_, p in items[10:]]
     assert s.corrupt == 10 and len(s.index) == 3
+    s.close()
+
+
+def test_read_into_takes_only_destinations_of_the_block_size(tmp_path):
+    """A destination of another size than its block gets nothing (and the block stays held);
+    a block asked for twice is read into both; a missing key or a segment file gone is False."""
+    items = blocks(6)
+    s = SegmentStore(tmp_path / "kv", 1 << 30)
+    assert s.put_run(FP, b"L" * 32, [(k, parent, t, p) for parent, k, t, p in items])
+    keys = [items[4][1], items[1][1], items[1][1], b"x" * 32]
+    dests = [[bytearray(3000)], [bytearray(2999)], [bytearray(10), bytearray(2990)], [bytearray(3000)]]
+    ok = s.read_into(keys, FP, [list(map(memoryview, d)) for d in dests], segment.Staging())
+    assert ok == [True, False, True, False] and s.corrupt == 0 and s.has(items[1][1])
+    assert bytes(dests[0][0]) == items[4][3] and b"".join(dests[2]) == items[1][3]
+    assert dests[1][0] == bytearray(2999) and dests[3][0] == bytearray(3000)
+    next((tmp_path / "kv").glob("seg-*.log")).unlink()
+    assert s.read_into(keys[:1], FP, [[memoryview(bytearray(3000))]], segment.Staging()) == [False]
     s.close()
 
 

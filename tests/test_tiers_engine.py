@@ -165,6 +165,11 @@ def test_prefetch_reads_a_queued_prompt_ahead(family, tmp_path):
     llm.close()
     llm = LLM(path, **RELOAD, cache_dir=d)
     follow = follow_up(want)
+    idle = llm.add_request({"prompt_token_ids": follow}, GREEDY)     # an idle engine reloads it at once
+    llm.store._fetch.join()
+    assert llm.stats()["blocks_prefetched"] == 0
+    llm.abort(idle)
+    llm.add_request({"prompt_token_ids": OTHER}, GREEDY)                # busy: the next one is read ahead
     rid = llm.add_request({"prompt_token_ids": follow}, GREEDY)
     llm.store._fetch.join()                                    # the read-ahead is done
     ahead = llm.stats()["blocks_prefetched"]

@@ -263,6 +263,7 @@ class LLM:
         self._counter += 1
         if rid in self._requests:
             raise TierlmError(f"request id {rid!r} is already in use")
+        busy = self.scheduler.has_work()
         seqs = []
         for i in range(params.n):
             gen = None
@@ -273,7 +274,8 @@ class LLM:
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[rid] = seqs
-        self.manager.prefetch(ids)             # disk reads overlap the steps before its turn
+        if busy:                               # disk reads overlap the steps before its turn (an idle
+            self.manager.prefetch(ids)         # engine's next step reloads it at once: nothing to overlap)
         return rid
 
     def abort(self, request_id: str) -> None:

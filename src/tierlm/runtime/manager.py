@@ -171,23 +171,22 @@ class CacheManager:
             n = self._longest(len(chain), lambda i: hit(0, i) is not None or self.store.where(chain[i]) is not None,
                               lambda n: device_window(n) or self.store.where(self.store.resume_key(chain[n - 1])))
             if n > n_dev:
-                plan = self._load(chain, n, n_dev, hit, device_window(n))
+                plan = self._plan(chain, n, n_dev, hit, device_window(n))
                 if plan is None:
                     n = n_dev
         if n == 0:
             return 0
-        for g in self.groups:                          # device hits first: loads must not evict them
-            table = [-1] * n
-            for i in self._needed(g, n):
-                blk = hit(g, i)
-                if blk is not None:
-                    self.bp[g].take(blk)
-                    table[i] = blk
-            seq.tables[g] = table
-        if plan is not None:
-            self._restore(seq, chain, n, plan)
+        self._take(seq, n, hit)                        # device hits first: loads must not evict them
+        tiers = self._restore(seq, chain, n, plan) if plan is not None else {}
+        if tiers is None:                              # a lower-tier block failed to load: device hits only
+            self._release(seq)
+            n = n_dev
+            if n == 0:
+                return 0
+            self._take(seq, n, hit)
+            tiers = {}
         for i in range(n):
-            tier = plan[0][i][0] if plan is not None and i in plan[0] else "device"
+            tier = tiers.get(i, "device")
             self.hit_by_tier[tier] = self.hit_by_tier.get(tier, 0) + b
         seq.hashes = chain[:n]
         seq.num_computed = n * b
@@ -223,10 +222,29 @@ class CacheManager:
         """Blocks of group g a sequence resuming after n blocks must hold."""
         return range(n) if g == 0 else self.span(g, n * self.block, n * self.block)
 
-    def _load(self, chain, n: int, n_dev: int, hit, window_on_device: bool):
-        """({block: (tier, payload)}, resume payload or None) for a hit of n blocks, or None when
-        the pools lack free blocks, the policy prefers recomputing, or a record fails
-        verification (it is then dropped and the prefix recomputed)."""
+    def _take(self, seq: Sequence, n: int, hit) -> None:
+        """Give seq the device's cached blocks of its first n blocks (the others -1)."""
+        for g in self.groups:
+            table = [-1] * n
+            for i in self._needed(g, n):
+                blk = hit(g, i)
+                if blk is not None:
+                    self.bp[g].take(blk)
+                    table[i] = blk
+            seq.tables[g] = table
+
+    def _release(self, seq: Sequence) -> None:
+        for g, table in seq.tables.items():
+            for b in reversed(table):
+                if b >= 0:
+                    self.bp[g].release(b)
+        seq.tables = {}
+
+    def _plan(self, chain, n: int, n_dev: int, hit, window_on_device: bool):
+        """(keys, sizes, need) of a hit of n blocks: the lower-tier blocks to load (and the
+        resume record after the last, unless the window groups' blocks are all on the device),
+        with the blocks each group lacks; None when the pools lack free blocks or the policy
+        prefers recomputing."""
         store = self.store
         need = {g: [i for i in self._needed(g, n) if hit(g, i) is None] for g in self.groups}
         if window_on_device:
@@ -247,25 +265,30 @@ class CacheManager:
         if not store.reload_wins(by_tier, store.recompute_flops(n_dev * self.block, n * self.block)):
             store.stats["recomputes"] += 1
             return None
-        got = store.load(keys, sizes)
+        return keys, sizes, need
+
+    def _restore(self, seq: Sequence, chain, n: int, plan) -> dict[int, str] | None:
+        """Allocate the blocks a lower-tier hit brings back, load them (disk blocks straight
+        into their pages), and name them; {block: tier it came from}, or None when a block
+        failed to load (a record failed verification: it is dropped, the prefix recomputed)."""
+        keys, sizes, need = plan
+        b, store, lost = self.block, self.store, need.get(0, [])
+        for i in lost:
+            seq.tables[0][i] = self.bp[0].allocate()
+        ids = [seq.tables[0][i] for i in lost]
+        got = store.load(keys, sizes, into=ids + [None] * (len(keys) - len(ids)))
         if len(got) < len(keys):
             return None
         store.stats["reloads"] += 1
-        blocks = {i: got[chain[i]] for i in need.get(0, [])}
-        resume = got[keys[-1]][1] if not window_on_device and store.windows else None
-        return blocks, resume, need
-
-    def _restore(self, seq: Sequence, chain, n: int, plan) -> None:
-        """Allocate and fill the blocks a lower-tier hit brings back, and name them."""
-        blocks, resume, need = plan
-        b = self.block
-        for i in need.get(0, []):
-            seq.tables[0][i] = self.bp[0].allocate()
-        self.store.restore([blocks[i][1] for i in need.get(0, [])], [seq.tables[0][i] for i in need.get(0, [])])
-        for i in need.get(0, []):
+        loose = [(got[chain[i]][1], blk) for i, blk in zip(lost, ids) if got[chain[i]][1] is not None]
+        if loose:
+            store.restore(*map(list, zip(*loose)))
+        for i in lost:
             self.bp[0].name(seq.tables[0][i], chain[i], seq.token_ids[i * b:(i + 1) * b])
-        if resume is None:
-            return
+        tiers = {i: got[chain[i]][0] for i in lost}
+        if len(keys) == len(lost):
+            return tiers
+        resume = got[keys[-1]][1]
         spans = {}
         for g in self.groups:
             if g == 0:
@@ -278,7 +301,8 @@ class CacheManager:
                     seq.tables[g][i] = self.bp[g].allocate()
                     spans[g].append(seq.tables[g][i])
                     self.bp[g].name(seq.tables[g][i], chain[i], seq.token_ids[i * b:(i + 1) * b])
-        self.store.restore_resume(resume, spans)
+        store.restore_resume(resume, spans)
+        return tiers
 
     # ------------------------------------------------------------------ step inputs
     def tables(self, seqs: Seq[Sequence], device) -> dict[int, torch.Tensor]:

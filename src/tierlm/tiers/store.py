@@ -173,6 +173,9 @@ class TierStore:
         self._ahead_budget, self._ahead_bytes = host_bytes, 0
         self._fetch: queue.Queue = queue.Queue()
         self._staging = Staging()                 # synchronous disk reloads read into it
+        # group 0's pages of CPU pools as [block, bytes] arrays: a disk reload reads straight into them
+        self._flat = ([pools.pages[k].view(pools.pages[k].shape[0], -1).view(torch.uint8).numpy()
+                       for k in self.keys_of[0]] if device.type == "cpu" else None)
         if self.disk is not None or self.remote is not None:
             self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
             self._writer.start()
@@ -464,12 +467,16 @@ class TierStore:
         return out
 
     # ------------------------------------------------------------------ load
-    def load(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, tuple[str, torch.Tensor]]:
+    def load(self, keys: list[bytes], sizes: list[int],
+             into: list[int | None] | None = None) -> dict[bytes, tuple[str, torch.Tensor | None]]:
         """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
-        the expected size. Payloads read from disk now are views of the staging memory:
-        restore them before the next load; they are not copied to the host tier (the pools
-        now hold them, and the copy would double the reload's memory traffic). What was read
-        ahead, and a remote hit, is promoted: to the host tier, and a remote hit to disk too."""
+        the expected size. With `into` (per key, a physical block of group 0, or None) and
+        CPU pools, a block read from disk now is read straight into that block and comes back
+        with payload None (in place: nothing to restore). Other payloads read from disk now
+        are views of the staging memory: restore them before the next load. Neither is
+        copied to the host tier (the pools now hold them, and the copy would double the
+        reload's memory traffic). What was read ahead, and a remote hit, is promoted: to the
+        host tier, and a remote hit to disk too."""
         start = time.perf_counter()
         out = {}
         missing = []
@@ -491,6 +498,16 @@ class TierStore:
             self._queue.join()
             start = time.perf_counter()
             sizes_of = dict(missing)
+            if into is not None and self.disk is not None and self._flat is not None:
+                block_of = dict(zip(keys, into))
+                direct = [k for k, n in missing if block_of[k] is not None and n == self.payload_bytes
+                          and self.disk.has(k)]
+                ok = self.disk.read_into(direct, self.fingerprint, [self._dests(block_of[k]) for k in direct],
+                                         self._staging)
+                done = [k for k, good in zip(direct, ok) if good]
+                self.bandwidth["disk"].add(len(done) * self.payload_bytes, time.perf_counter() - start)
+                out.update((k, ("disk", None)) for k in done)
+                missing = [(k, n) for k, n in missing if k not in out]
             for tier, got in self._read([k for k, _ in missing], staged=True).items():
                 for k, (t, meta) in got.items():
                     if t.numel() == sizes_of[k]:
@@ -509,6 +526,11 @@ class TierStore:
             parent, tokens = meta
             self._from_remote.add(key)
             self._pending.append((parent, key, tokens, payload, "blocks" if tokens else "resume"))
+
+    def _dests(self, block: int) -> list:
+        """Physical block `block` of group 0 as writable bytes, one view per stream page, in
+        payload order."""
+        return [rows[block] for rows in self._flat]
 
     def restore(self, payloads: list[torch.Tensor], blocks: list[int]) -> None:
         """Copy block payloads into physical blocks `blocks` of group 0: the payloads of a disk
