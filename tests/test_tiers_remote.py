@@ -107,6 +107,7 @@ def test_remote_hits_are_prefetched(family, shared_url):
     a.close()
     b = remote_engine(path, shared_url)
     follow = follow_up(want)
+    b.add_request({"prompt_token_ids": OTHER}, GREEDY)         # busy: a request queued now is read ahead
     rid = b.add_request({"prompt_token_ids": follow}, GREEDY)
     b.store._fetch.join()                                    # the read-ahead is done
     assert b.stats()["blocks_prefetched"] >= 6
@@ -203,7 +204,7 @@ def test_corrupt_and_foreign_values_are_dropped(family, server):
     good, foreign_run = c.get(victim), c.get(other)
     head, blocks, hlen = segment.parse_header(good, 0)
     runs = [(k, parent, tokens, good[hlen:][sum(b[3] for b in blocks[:i]):][:n])
-            for i, (k, parent, tokens, n) in enumerate(blocks)]
+            for i, (k, parent, tokens, n, _) in enumerate(blocks)]
     flipped = bytearray(good)
     flipped[-5] ^= 1                                           # a bit of the payload
     alien_head, _ = segment.encode_record(b"\x07" * 32, head["layout"], runs)

@@ -41,7 +41,6 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from ..errors import TierlmError
-from ..runtime.blocks import block_hash
 from .segment import FORMAT_VERSION, checksum, encode_record, parse_header
 
 SCHEMES = ("redis", "rediss", "unix")
@@ -150,8 +149,8 @@ def decode(value, key: bytes, fingerprint: bytes, layout: bytes | None) -> list[
     if checksum(body) != head["crc"]:
         return None
     out, at, prev = [], 0, blocks[0][1]
-    for k, parent, tokens, nbytes in blocks:
-        if parent != prev or block_hash(parent, tokens) != k:
+    for k, parent, tokens, nbytes, keyed in blocks:
+        if parent != prev or not keyed:
             return None
         out.append((k, parent, tuple(tokens), body[at:at + nbytes]))
         at, prev = at + nbytes, k
