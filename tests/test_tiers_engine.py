@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 from tierlm import LLM, SamplingParams  # noqa: E402
 from tierlm.cli import app  # noqa: E402
 from tierlm.errors import TierlmError  # noqa: E402
-from tierlm.tiers import segment  # noqa: E402
+from tierlm.tiers import segment, store as tier_store  # noqa: E402
 
 FAMILIES = ("llama", "deepseek-v3.2", "deepseek-v4")
 LONG = [(3 * i + 1) % 50 for i in range(70)]            # 4 full blocks of 16 before the last token
@@ -75,13 +75,39 @@ def test_host_tier_hit_is_identical(family):
     assert stats["reloads"] >= 1 and stats["tier_bytes"]["host"] > 0
 
 
-def test_disk_tier_survives_the_process(family, tmp_path):
+def test_failed_reload_falls_back_to_the_device_hits(family, monkeypatch):
+    """A lower-tier part that fails to load after its pages were allocated (a record that
+    no longer verifies): the pages go back, the device hits alone are used, output unchanged."""
+    _, path, want = family
+    probe = LLM(path, **KW)
+    llm = LLM(path, **RELOAD, max_num_seqs=1, cache_bytes=probe.bytes_per_sequence, host_cache_bytes=1 << 26)
+    run(llm, LONG)
+    run(llm, OTHER)                                      # evicts LONG's last device blocks, not its first
+    monkeypatch.setattr(llm.store, "load", lambda keys, sizes, into=None: {})
+    follow = follow_up(want)
+    assert run(llm, follow) == want[tuple(follow)]
+    hits = llm.stats()["prefix_hit_tokens_by_tier"]
+    assert hits["device"] > 0 and hits.get("host", 0) == 0
+    assert llm.manager.blocks_in_use() == 0
+
+
+@pytest.fixture(params=["staged", "direct"])
+def reload_path(request, monkeypatch):
+    """Disk reloads through staging memory (small pages, as these tiny models have) or read
+    straight into the pools' pages (as larger models' are: the threshold moved below them)."""
+    if request.param == "direct":
+        monkeypatch.setattr(tier_store, "DIRECT_PAGE", 0)
+    return request.param
+
+
+def test_disk_tier_survives_the_process(family, tmp_path, reload_path):
     _, path, want = family
     d = tmp_path / "kv"
     first = subprocess.run([sys.executable, "-c", PHASE_ONE, str(path), str(d), ",".join(map(str, LONG))],
                            capture_output=True, text=True, check=True)
     assert [int(t) for t in first.stdout.split(",")] == want[tuple(LONG)]
     llm = LLM(path, **RELOAD, cache_dir=d)               # a new process' engine over the same directory
+    assert (llm.store._flat is not None) == (reload_path == "direct")
     follow = follow_up(want)
     assert run(llm, follow) == want[tuple(follow)]
     stats = llm.stats()
@@ -90,7 +116,7 @@ def test_disk_tier_survives_the_process(family, tmp_path):
     llm.close()
 
 
-def test_corrupt_block_is_dropped_and_recomputed(family, tmp_path):
+def test_corrupt_block_is_dropped_and_recomputed(family, tmp_path, reload_path):
     _, path, want = family
     d = tmp_path / "kv"
     llm = LLM(path, **KW, cache_dir=d)
@@ -108,6 +134,7 @@ def test_corrupt_block_is_dropped_and_recomputed(family, tmp_path):
     llm = LLM(path, **RELOAD, cache_dir=d)
     follow = follow_up(want)
     assert run(llm, follow) == want[tuple(follow)]
+    assert llm.manager.blocks_in_use() == 0                # the pages the failed reload took were given back
     stats = llm.stats()
     # the record holding it (chained blocks written together) is dropped: each block of it the hit asked for
     assert 1 <= stats["corrupt_blocks_dropped"] <= in_record and stats["prefix_hit_tokens_by_tier"]["disk"] == 0

@@ -43,6 +43,10 @@ DISK_READ_GUESS = 2e9      # bytes/s a disk reload is assumed to read at until o
 POLICIES = ("auto", "reload", "recompute")
 WRITES = ("through", "back")
 COVER_MAX = 1 << 20                         # block keys remembered as held by the remote store
+# mean page size from which a disk reload reads into the pools' pages directly: each page is a
+# buffer of its own (a preadv iovec, a checksum update), about 1 us apiece here, as much as
+# copying 4-8 KiB; smaller pages are read into staging memory and copied one stream per record
+DIRECT_PAGE = 4096
 
 
 class HostTier:
@@ -173,9 +177,11 @@ class TierStore:
         self._ahead_budget, self._ahead_bytes = host_bytes, 0
         self._fetch: queue.Queue = queue.Queue()
         self._staging = Staging()                 # synchronous disk reloads read into it
-        # group 0's pages of CPU pools as [block, bytes] arrays: a disk reload reads straight into them
+        # group 0's pages of CPU pools as [block, bytes] arrays: a disk reload reads straight into
+        # them, unless pages are so small that handling each costs more than copying it
+        direct = device.type == "cpu" and self.payload_bytes >= DIRECT_PAGE * max(1, len(self.keys_of[0]))
         self._flat = ([pools.pages[k].view(pools.pages[k].shape[0], -1).view(torch.uint8).numpy()
-                       for k in self.keys_of[0]] if device.type == "cpu" else None)
+                       for k in self.keys_of[0]] if direct else None)
         if self.disk is not None or self.remote is not None:
             self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
             self._writer.start()
