@@ -339,18 +339,20 @@ def test_engine_killed_while_writing_serves_nothing_corrupt(tmp_path):
 @pytest.mark.parametrize("blocks", [[3, 4, 5, 6, 7, 8], [9, 2, 7, 4, 11, 5]], ids=["consecutive", "scattered"])
 @pytest.mark.parametrize("offset", [8, 3], ids=["aligned", "unaligned"])
 def test_restore_puts_every_stream_of_every_block_in_place(family, blocks, offset):
-    """Payloads 0-3 lie back to back in one buffer (a disk record read into the staging
-    memory: copied as one view), 4 and 5 are loose (host tier: stacked); the blocks they go to
-    are consecutive (slice copies) or scattered (indexed copies, in int64 where aligned)."""
+    """Payloads 0-4 lie back to back in one buffer (rows of the staging memory a disk reload
+    read into: copied as one view, block 2's copy skipped as one that failed to verify),
+    payload 5 is loose (host tier: restored). The blocks they go to are consecutive (slice
+    copies) or scattered (indexed copies, in int64 where aligned)."""
     _, path, _ = family
     store = LLM(path, **KW, host_cache_bytes=1 << 20).store
     size = store.payload_bytes
     buf = torch.randint(0, 256, (offset + 6 * size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     payloads = [buf[offset + i * size:offset + (i + 1) * size] for i in range(6)]
-    payloads[4:] = [p.clone() for p in payloads[4:]]
-    store.restore(payloads, blocks)
-    for p, b in zip(payloads, blocks):
+    store._scatter(buf[offset:offset + 5 * size].view(5, size), blocks[:2] + [-1] + blocks[3:5], store.keys_of[0])
+    store.restore([payloads[5].clone()], blocks[5:])
+    for i, (p, b) in enumerate(zip(payloads, blocks)):
         at = 0
         for k in store.keys_of[0]:
-            assert torch.equal(store.pools.pages[k][b].reshape(-1).view(torch.uint8), p[at:at + store.sizes[k]]), (b, k)
+            page = store.pools.pages[k][b].reshape(-1).view(torch.uint8)
+            assert torch.equal(page, torch.zeros_like(page) if i == 2 else p[at:at + store.sizes[k]]), (b, k)
             at += store.sizes[k]

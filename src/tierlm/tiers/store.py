@@ -21,7 +21,6 @@ prefill step the engine runs.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import queue
@@ -177,6 +176,7 @@ class TierStore:
         self._ahead_budget, self._ahead_bytes = host_bytes, 0
         self._fetch: queue.Queue = queue.Queue()
         self._staging = Staging()                 # synchronous disk reloads read into it
+        self._heads = Staging()                   # the record headers of reads into pages or staging rows
         # group 0's pages of CPU pools as [block, bytes] arrays: a disk reload reads straight into
         # them, unless pages are so small that handling each costs more than copying it
         direct = device.type == "cpu" and self.payload_bytes >= DIRECT_PAGE * max(1, len(self.keys_of[0]))
@@ -448,13 +448,10 @@ class TierStore:
         on_disk = [k for k in keys if self.disk is not None and self.disk.has(k)]
         if on_disk:
             start = time.perf_counter()
-            staging = self._staging if staged else None
-            bodies = self.disk.get_many(on_disk, self.fingerprint, staging)
-            held = [b for b in bodies if b is not None]
-            tensor = _in(held[0].obj) if staging is not None and held else _tensor
-            for k, body in zip(on_disk, bodies):
+            for k, body in zip(on_disk, self.disk.get_many(on_disk, self.fingerprint,
+                                                            self._staging if staged else None)):
                 if body is not None:
-                    out["disk"][k] = (tensor(body), None)
+                    out["disk"][k] = (_tensor(body), None)
             self.bandwidth["disk"].add(sum(t.numel() for t, _ in out["disk"].values()), time.perf_counter() - start)
         rest = [k for k in keys if k not in out["disk"] and self.remote is not None and k in self.remote.cover]
         if rest:
@@ -476,13 +473,13 @@ class TierStore:
     def load(self, keys: list[bytes], sizes: list[int],
              into: list[int | None] | None = None) -> dict[bytes, tuple[str, torch.Tensor | None]]:
         """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
-        the expected size. With `into` (per key, a physical block of group 0, or None) and
-        CPU pools, a block read from disk now is read straight into that block and comes back
-        with payload None (in place: nothing to restore). Other payloads read from disk now
-        are views of the staging memory: restore them before the next load. Neither is
-        copied to the host tier (the pools now hold them, and the copy would double the
-        reload's memory traffic). What was read ahead, and a remote hit, is promoted: to the
-        host tier, and a remote hit to disk too."""
+        the expected size. With `into` (per key, a physical block of group 0, or None), a
+        block read from disk now is put into that block right away and comes back with
+        payload None (in place: nothing to restore; `_read_into`). Other payloads read from disk now are views of the
+        staging memory: restore them before the next load. Neither is copied to the host tier
+        (the pools now hold them, and the copy would double the reload's memory traffic).
+        What was read ahead, and a remote hit, is promoted: to the host tier, and a remote
+        hit to disk too."""
         start = time.perf_counter()
         out = {}
         missing = []
@@ -491,9 +488,11 @@ class TierStore:
             if t is not None and t.numel() == n:
                 out[k] = ("host", t)
                 continue
-            with self._ahead_mu:
-                ahead = self._ahead.pop(k, None)
-                self._ahead_bytes -= ahead[1].numel() if ahead is not None else 0
+            ahead = None
+            if self._ahead:                         # (a read-ahead racing this one only costs a read)
+                with self._ahead_mu:
+                    ahead = self._ahead.pop(k, None)
+                    self._ahead_bytes -= ahead[1].numel() if ahead is not None else 0
             if ahead is not None and ahead[1].numel() == n:
                 self._promote(k, *ahead)
                 out[k] = ahead[:2]                  # read ahead of time
@@ -504,13 +503,11 @@ class TierStore:
             self._queue.join()
             start = time.perf_counter()
             sizes_of = dict(missing)
-            if into is not None and self.disk is not None and self._flat is not None:
+            if into is not None and self.disk is not None:
                 block_of = dict(zip(keys, into))
-                direct = [k for k, n in missing if block_of[k] is not None and n == self.payload_bytes
+                blocks = [k for k, n in missing if block_of[k] is not None and n == self.payload_bytes
                           and self.disk.has(k)]
-                ok = self.disk.read_into(direct, self.fingerprint, [self._dests(block_of[k]) for k in direct],
-                                         self._staging)
-                done = [k for k, good in zip(direct, ok) if good]
+                done = self._read_into(blocks, [block_of[k] for k in blocks]) if blocks else []
                 self.bandwidth["disk"].add(len(done) * self.payload_bytes, time.perf_counter() - start)
                 out.update((k, ("disk", None)) for k in done)
                 missing = [(k, n) for k, n in missing if k not in out]
@@ -533,18 +530,30 @@ class TierStore:
             self._from_remote.add(key)
             self._pending.append((parent, key, tokens, payload, "blocks" if tokens else "resume"))
 
+    def _read_into(self, keys: list[bytes], blocks: list[int]) -> list[bytes]:
+        """Read blocks `keys` from disk into physical blocks `blocks` of group 0; the keys
+        that verified. Straight into their pages (CPU pools, pages of DIRECT_PAGE or more), or
+        into one row per block of the staging memory (an iovec per block) and from there one
+        copy per stream for all."""
+        if self._flat is not None:
+            ok = self.disk.read_into(keys, self.fingerprint, [self._dests(b) for b in blocks], self._heads)
+        else:
+            rows = _tensor(self._staging.take(len(keys) * self.payload_bytes)).view(len(keys), -1)
+            ok = self.disk.read_into(keys, self.fingerprint, [[r] for r in rows.numpy()], self._heads)
+            if any(ok):
+                self._scatter(rows, [b if good else -1 for b, good in zip(blocks, ok)], self.keys_of[0])
+        return [k for k, good in zip(keys, ok) if good]
+
     def _dests(self, block: int) -> list:
         """Physical block `block` of group 0 as writable bytes, one view per stream page, in
         payload order."""
         return [rows[block] for rows in self._flat]
 
     def restore(self, payloads: list[torch.Tensor], blocks: list[int]) -> None:
-        """Copy block payloads into physical blocks `blocks` of group 0: the payloads of a disk
-        record lie back to back in the staging memory and are copied from there as one view,
-        a stream at a time; others are stacked first."""
+        """Copy block payloads (from the host tier, read ahead, or remote) into physical
+        blocks `blocks` of group 0."""
         start = time.perf_counter()
-        for i, rows in _rows(payloads, self.payload_bytes):
-            self._scatter(rows, blocks[i:i + len(rows)], self.keys_of[0])
+        self._scatter(torch.stack(payloads), blocks, self.keys_of[0])
         self.stats["reload_seconds"] += time.perf_counter() - start
 
     def restore_resume(self, payload: torch.Tensor, spans: dict[int, list[int]]) -> None:
@@ -616,47 +625,6 @@ class TierStore:
 def _tensor(body) -> torch.Tensor:
     """A uint8 tensor over a payload's bytes (no copy)."""
     return torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
-
-
-def _in(buf):
-    """tensor(body): a uint8 tensor over a payload's bytes in `buf` (no copy) that is a view of
-    one tensor over all of buf, so that payloads lying back to back can be taken as one."""
-    whole = torch.frombuffer(buf, dtype=torch.uint8)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-
-    def tensor(body) -> torch.Tensor:
-        if not len(body):
-            return torch.empty(0, dtype=torch.uint8)
-        at = ctypes.addressof(ctypes.c_char.from_buffer(body)) - base
-        return whole[at:at + len(body)]
-
-    return tensor
-
-
-def _rows(payloads: list[torch.Tensor], size: int):
-    """(i, rows [n, size]) covering payloads in order: payloads lying back to back in one
-    storage as one view of it (no copy), the loose ones between such runs stacked."""
-    runs, i = [], 0
-    for j in range(1, len(payloads) + 1):
-        if j == len(payloads) or not _adjacent(payloads[j - 1], payloads[j], size):
-            runs.append((i, j))
-            i = j
-    loose = None                                # first of the loose payloads not yet yielded
-    for a, b in runs:
-        if b - a == 1:
-            loose = a if loose is None else loose
-            continue
-        if loose is not None:
-            yield loose, torch.stack(payloads[loose:a])
-            loose = None
-        yield a, payloads[a].as_strided((b - a, size), (size, 1))
-    if loose is not None:
-        yield loose, torch.stack(payloads[loose:])
-
-
-def _adjacent(a: torch.Tensor, b: torch.Tensor, size: int) -> bool:
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and b.storage_offset() == a.storage_offset() + size and a.numel() == size)
 
 
 def _widest(*ts: torch.Tensor) -> torch.dtype:
