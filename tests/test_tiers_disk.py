@@ -43,14 +43,18 @@ def fill(store: SegmentStore, items, layout=b"L" * 32):
 def get(s: SegmentStore, keys, mode: str):
     """Payloads of keys (None where missing or corrupt) as `get_many` gives them, mapped or
     read into staging memory, or as `read_into` leaves them in destinations of three pieces."""
-    if mode != "direct":
+    if mode in ("mapped", "staged"):
         return s.get_many(keys, FP, segment.Staging() if mode == "staged" else None)
+    if mode == "rows":
+        buf = bytearray(3000 * len(keys))
+        ok = s.read_into(keys, FP, segment.Staging(), rows=(memoryview(buf), 3000))
+        return [bytes(buf[i * 3000:(i + 1) * 3000]) if good else None for i, good in enumerate(ok)]
     dests = [[bytearray(1000), bytearray(1500), bytearray(500)] for _ in keys]
-    ok = s.read_into(keys, FP, [list(map(memoryview, d)) for d in dests], segment.Staging())
+    ok = s.read_into(keys, FP, segment.Staging(), dests=[list(map(memoryview, d)) for d in dests])
     return [b"".join(d) if good else None for d, good in zip(dests, ok)]
 
 
-MODES = ["mapped", "staged", "direct"]
+MODES = ["mapped", "staged", "direct", "rows"]
 
 
 def test_round_trip_restart_and_permissions(tmp_path):
@@ -224,12 +228,12 @@ def test_read_into_takes_only_destinations_of_the_block_size(tmp_path):
     assert s.put_run(FP, b"L" * 32, [(k, parent, t, p) for parent, k, t, p in items])
     keys = [items[4][1], items[1][1], items[1][1], b"x" * 32]
     dests = [[bytearray(3000)], [bytearray(2999)], [bytearray(10), bytearray(2990)], [bytearray(3000)]]
-    ok = s.read_into(keys, FP, [list(map(memoryview, d)) for d in dests], segment.Staging())
+    ok = s.read_into(keys, FP, segment.Staging(), dests=[list(map(memoryview, d)) for d in dests])
     assert ok == [True, False, True, False] and s.corrupt == 0 and s.has(items[1][1])
     assert bytes(dests[0][0]) == items[4][3] and b"".join(dests[2]) == items[1][3]
     assert dests[1][0] == bytearray(2999) and dests[3][0] == bytearray(3000)
     next((tmp_path / "kv").glob("seg-*.log")).unlink()
-    assert s.read_into(keys[:1], FP, [[memoryview(bytearray(3000))]], segment.Staging()) == [False]
+    assert s.read_into(keys[:1], FP, segment.Staging(), dests=[[memoryview(bytearray(3000))]]) == [False]
     s.close()
 
 

@@ -463,13 +463,17 @@ class SegmentStore:
                     group.append((i, e))
         return wanted
 
-    def read_into(self, keys: list[bytes], fingerprint: bytes, dests: list[list], staging: Staging) -> list[bool]:
+    def read_into(self, keys: list[bytes], fingerprint: bytes, staging: Staging, dests: list[list] | None = None,
+                  rows: tuple[memoryview, int] | None = None) -> list[bool]:
         """Read blocks straight into their destinations, so that a reload copies nothing
-        after the read: dests[i] are writable buffers that take block keys[i]'s payload in
-        order (its page of every stream of a CPU pool). One `preadv` series per record; its
-        header and the blocks no one asked for land in `staging`. Each record is verified
-        from the bytes just read, as `get_many` does. False where a block is missing, of
-        another size or not intact: its destinations then hold no valid block."""
+        after the read: either dests[i], writable buffers that take block keys[i]'s payload in
+        order (its page of every stream of a CPU pool), or rows = (buffer, size), block i into
+        buffer[i * size:(i + 1) * size] (blocks that follow each other both in a record and in
+        the buffer are then one piece: a reload of small blocks costs a few buffers per record,
+        not one per block). One `preadv` series per record; its header and the blocks no one
+        asked for land in `staging`. Each record is verified from the bytes just read, as
+        `get_many` does. False where a block is missing, of another size or not intact: its
+        destination then holds no valid block."""
         with self._mu:
             ok = [False] * len(keys)
             wanted = self._by_record(keys)
@@ -478,17 +482,31 @@ class SegmentStore:
                 for rec in sorted(wanted):
                     blocks = sorted(wanted[rec], key=lambda b: b[1].slot)
                     e0 = blocks[0][1]
-                    blocks = [(i, e) for i, e in blocks if sum(map(len, dests[i])) == e.size]
+                    if rows is None:
+                        blocks = [(i, e) for i, e in blocks if sum(map(len, dests[i])) == e.size]
+                    else:
+                        blocks = [(i, e) for i, e in blocks if e.size == rows[1]]
                     parts, skipped, at = [], [], 0       # the payload's pieces in order; the bytes no one takes
+                    run = None                           # rows: [first row, rows] of the last piece
                     for i, e in blocks:
                         if e.at > at:
                             skipped.append((len(parts), e.at - at))
                             parts.append(None)
-                        parts += dests[i]
+                            run = None
+                        if rows is None:
+                            parts += dests[i]
+                        elif run is not None and run[0] + run[1] == i:
+                            run[1] += 1
+                        else:
+                            run = [i, 1]
+                            parts.append(run)
                         at = e.at + e.size
                     if e0.length - e0.head > at:
                         skipped.append((len(parts), e0.length - e0.head - at))
                         parts.append(None)
+                    if rows is not None:
+                        buf, size = rows
+                        parts = [buf[p[0] * size:(p[0] + p[1]) * size] if p is not None else None for p in parts]
                     spare = staging.take(e0.head + sum(n for _, n in skipped))
                     head, spare = spare[:e0.head], spare[e0.head:]
                     for j, n in skipped:

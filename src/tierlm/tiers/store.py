@@ -533,13 +533,14 @@ class TierStore:
     def _read_into(self, keys: list[bytes], blocks: list[int]) -> list[bytes]:
         """Read blocks `keys` from disk into physical blocks `blocks` of group 0; the keys
         that verified. Straight into their pages (CPU pools, pages of DIRECT_PAGE or more), or
-        into one row per block of the staging memory (an iovec per block) and from there one
-        copy per stream for all."""
+        into one row per block of the staging memory (a record's blocks one piece) and from
+        there one copy per stream for all."""
         if self._flat is not None:
-            ok = self.disk.read_into(keys, self.fingerprint, [self._dests(b) for b in blocks], self._heads)
+            ok = self.disk.read_into(keys, self.fingerprint, self._heads, dests=[self._dests(b) for b in blocks])
         else:
-            rows = _tensor(self._staging.take(len(keys) * self.payload_bytes)).view(len(keys), -1)
-            ok = self.disk.read_into(keys, self.fingerprint, [[r] for r in rows.numpy()], self._heads)
+            buf = self._staging.take(len(keys) * self.payload_bytes)
+            ok = self.disk.read_into(keys, self.fingerprint, self._heads, rows=(buf, self.payload_bytes))
+            rows = _tensor(buf).view(len(keys), -1)
             if any(ok):
                 self._scatter(rows, [b if good else -1 for b, good in zip(blocks, ok)], self.keys_of[0])
         return [k for k, good in zip(keys, ok) if good]
