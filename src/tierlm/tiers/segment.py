@@ -554,14 +554,13 @@ class SegmentStore:
             now = time.time()
             spans = [(r[0][0][1], r[-1][0][1].offset + r[-1][0][1].length) for r in runs]
             into = staging.take(sum(end - first.offset for first, end in spans)) if staging is not None else None
-            base = 0                                # where the run's view starts in `into`
             for run, (first, end) in zip(runs, spans):
                 self.used[first.segment] = now
                 if into is None:
                     view = self._map(first.segment, first.offset, end)
                     fill, close = (lambda n: True), (lambda: None)
                 else:
-                    view = into[base:base + end - first.offset]
+                    view, into = into[:end - first.offset], into[end - first.offset:]
                     fill, close = self._reader(first.segment, first.offset, view)
                 try:
                     for blocks in run:
@@ -577,7 +576,6 @@ class SegmentStore:
                                 self.index.pop(keys[i], None)
                 finally:
                     close()
-                base += end - first.offset
             return out
 
     def _reader(self, segment: int, start: int, out: memoryview):

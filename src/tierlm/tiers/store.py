@@ -44,7 +44,7 @@ WRITES = ("through", "back")
 COVER_MAX = 1 << 20                         # block keys remembered as held by the remote store
 # mean page size from which a disk reload reads into the pools' pages directly: each page is a
 # buffer of its own (a preadv iovec, a checksum update), about 1 us apiece here, as much as
-# copying 4-8 KiB; smaller pages are read into staging memory and copied one stream per record
+# copying 4-8 KiB; smaller pages are read into staging rows, then copied with one copy per stream
 DIRECT_PAGE = 4096
 
 
@@ -474,10 +474,11 @@ class TierStore:
              into: list[int | None] | None = None) -> dict[bytes, tuple[str, torch.Tensor | None]]:
         """{key: (tier, payload)} for the keys a lower tier holds whose payload verifies and has
         the expected size. With `into` (per key, a physical block of group 0, or None), a
-        block read from disk now is put into that block right away and comes back with
-        payload None (in place: nothing to restore; `_read_into`). Other payloads read from disk now are views of the
-        staging memory: restore them before the next load. Neither is copied to the host tier
-        (the pools now hold them, and the copy would double the reload's memory traffic).
+        block read from disk now is put into that block right away (`_read_into`) and comes
+        back with payload None: nothing to restore. Other payloads read from disk now are
+        views of the staging memory: restore them before the next load. Neither is copied to
+        the host tier (the pools now hold them, and the copy would double the reload's memory
+        traffic).
         What was read ahead, and a remote hit, is promoted: to the host tier, and a remote
         hit to disk too."""
         start = time.perf_counter()
