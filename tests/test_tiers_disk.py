@@ -222,7 +222,8 @@ def test_run_records_hold_chained_blocks(tmp_path, mode):
 
 def test_read_into_takes_only_destinations_of_the_block_size(tmp_path):
     """A destination of another size than its block gets nothing (and the block stays held);
-    a block asked for twice is read into both; a missing key or a segment file gone is False."""
+    a block asked for twice is read into the first destination of its size; a missing key or a
+    segment file gone is False."""
     items = blocks(6)
     s = SegmentStore(tmp_path / "kv", 1 << 30)
     assert s.put_run(FP, b"L" * 32, [(k, parent, t, p) for parent, k, t, p in items])
@@ -234,6 +235,22 @@ def test_read_into_takes_only_destinations_of_the_block_size(tmp_path):
     assert dests[1][0] == bytearray(2999) and dests[3][0] == bytearray(3000)
     next((tmp_path / "kv").glob("seg-*.log")).unlink()
     assert s.read_into(keys[:1], FP, segment.Staging(), dests=[[memoryview(bytearray(3000))]]) == [False]
+    s.close()
+
+
+def test_read_into_rows_whole_records_partial_and_repeated_keys(tmp_path):
+    """Rows: a whole record asked in slot order is read as one piece; the same blocks out of
+    order, a part of the record, or a key asked twice (read once: the second row is False)
+    land in the right rows."""
+    items = blocks(6)
+    s = SegmentStore(tmp_path / "kv", 1 << 30)
+    assert s.put_run(FP, b"L" * 32, [(k, parent, t, p) for parent, k, t, p in items])
+    keys, want = [k for _, k, _, _ in items], {k: p for _, k, _, p in items}
+    for pick in (keys, keys[1:] + keys[:1], keys[2:4], [keys[0], keys[1], keys[1], keys[3]], keys + [b"x" * 32]):
+        got = get(s, pick, "rows")
+        expect = [want.get(k) if k not in pick[:i] else None for i, k in enumerate(pick)]
+        assert got == expect
+    assert s.corrupt == 0
     s.close()
 
 

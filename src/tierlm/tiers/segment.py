@@ -50,6 +50,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import attrgetter
 from pathlib import Path
 
 import xxhash
@@ -73,9 +74,10 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024    # buff
 class Staging:
     """Memory a synchronous reload reads into, reused across reloads: on this machine the
     first touch of fresh pages costs about as much as reading them from disk. It is anonymous
-    mapped memory (zero pages until written, no zero-fill up front) advised to use 2 MiB pages,
-    so that even a fresh engine's first reload faults a few dozen pages, not thousands. A
-    view handed out stays valid until the next `take`; a very large one is not kept."""
+    mapped memory advised to use 2 MiB pages; `reserve` faults it in ahead of time (an
+    engine reserves what its largest reload needs when it starts), so that even a fresh
+    engine's first reload does not pay for it. A view handed out stays valid until the next
+    `take`; a very large one is not kept."""
 
     KEEP = 256 << 20
     PAGE = 2 << 20
@@ -83,18 +85,30 @@ class Staging:
     def __init__(self):
         self.buf: mmap.mmap | bytearray = bytearray()
 
+    def reserve(self, n: int) -> None:
+        """Have at least min(n, KEEP) bytes mapped and faulted in now."""
+        n = min(n, self.KEEP)
+        if n > len(self.buf):
+            self._map(n)
+            view = memoryview(self.buf)
+            view[::4096] = bytes(len(view[::4096]))    # one write per page faults it in
+            view.release()
+
     def take(self, n: int) -> memoryview:
         if n > len(self.buf):                  # earlier views keep the old mapping alive
-            self.buf = mmap.mmap(-1, -(-n // self.PAGE) * self.PAGE)
-            if hasattr(self.buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-                self.buf.madvise(mmap.MADV_HUGEPAGE)
+            self._map(n)
         view = memoryview(self.buf)[:n]
         if n > self.KEEP:
             self.buf = bytearray()
         return view
 
+    def _map(self, n: int) -> None:
+        self.buf = mmap.mmap(-1, -(-n // self.PAGE) * self.PAGE)
+        if hasattr(self.buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            self.buf.madvise(mmap.MADV_HUGEPAGE)
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)          # compared by identity: a reload scans thousands of lists of them
 class Entry:
     """Where one block lies: in the record at `offset` (`length` bytes, header `head` bytes,
     payload crc `crc`), entry `slot` of its header, payload bytes [at, at + size) of the record's.
@@ -115,6 +129,7 @@ class Entry:
     crc: int
     hcrc: int
     record: tuple[int, int]
+    count: int                 # blocks in the record
 
 
 class DirectoryInUse(TierlmError):
@@ -311,7 +326,7 @@ class SegmentStore:
             else:
                 self.index[key] = Entry(n, at, length, hlen, slot, off, nbytes, head["fingerprint"], parent,
                                         head["layout"], tuple(tokens), head["created"], head["crc"], head["hcrc"],
-                                        record)
+                                        record, len(blocks))
             off += nbytes
 
     def has(self, key: bytes) -> bool:
@@ -450,17 +465,29 @@ class SegmentStore:
 
     # ------------------------------------------------------------------ reads
     def _by_record(self, keys: list[bytes]) -> dict[tuple[int, int], list[tuple[int, Entry]]]:
-        """record -> [(i, block)] of the keys held, in key order."""
+        """record -> [(i, block)] of the keys held, in key order. A run of keys that is a
+        whole record in slot order (how a prefix comes back) is taken in one slice."""
         wanted: dict[tuple[int, int], list[tuple[int, Entry]]] = {}
-        find = self.index.get
-        for i, k in enumerate(keys):
-            e = find(k)
-            if e is not None:
-                group = wanted.get(e.record)
-                if group is None:
-                    wanted[e.record] = [(i, e)]
-                else:
-                    group.append((i, e))
+        entries = list(map(self.index.get, keys))
+        i, end = 0, len(keys)
+        while i < end:
+            e = entries[i]
+            if e is None:
+                i += 1
+                continue
+            rec, n = e.record, e.count
+            chunk = entries[i:i + n]
+            if (e.slot == 0 and n > 1 and rec not in wanted and len(chunk) == n and None not in chunk
+                    and list(map(_RECORD, chunk)).count(rec) == n):
+                wanted[rec] = list(zip(range(i, i + n), chunk))
+                i += n
+                continue
+            group = wanted.get(rec)
+            if group is None:
+                wanted[rec] = [(i, e)]
+            else:
+                group.append((i, e))
+            i += 1
         return wanted
 
     def read_into(self, keys: list[bytes], fingerprint: bytes, staging: Staging, dests: list[list] | None = None,
@@ -480,37 +507,13 @@ class SegmentStore:
             now, fds = time.time(), {}
             try:
                 for rec in sorted(wanted):
-                    blocks = sorted(wanted[rec], key=lambda b: b[1].slot)
+                    blocks = wanted[rec]
                     e0 = blocks[0][1]
-                    if rows is None:
-                        blocks = [(i, e) for i, e in blocks if sum(map(len, dests[i])) == e.size]
+                    if rows is not None and _whole(blocks, rows[1]):     # the record is one piece of rows
+                        i0, n = blocks[0][0], len(blocks)
+                        head, parts = staging.take(e0.head), [rows[0][i0 * rows[1]:(i0 + n) * rows[1]]]
                     else:
-                        blocks = [(i, e) for i, e in blocks if e.size == rows[1]]
-                    parts, skipped, at = [], [], 0       # the payload's pieces in order; the bytes no one takes
-                    run = None                           # rows: [first row, rows] of the last piece
-                    for i, e in blocks:
-                        if e.at > at:
-                            skipped.append((len(parts), e.at - at))
-                            parts.append(None)
-                            run = None
-                        if rows is None:
-                            parts += dests[i]
-                        elif run is not None and run[0] + run[1] == i:
-                            run[1] += 1
-                        else:
-                            run = [i, 1]
-                            parts.append(run)
-                        at = e.at + e.size
-                    if e0.length - e0.head > at:
-                        skipped.append((len(parts), e0.length - e0.head - at))
-                        parts.append(None)
-                    if rows is not None:
-                        buf, size = rows
-                        parts = [buf[p[0] * size:(p[0] + p[1]) * size] if p is not None else None for p in parts]
-                    spare = staging.take(e0.head + sum(n for _, n in skipped))
-                    head, spare = spare[:e0.head], spare[e0.head:]
-                    for j, n in skipped:
-                        parts[j], spare = spare[:n], spare[n:]
+                        blocks, head, parts = _pieces(blocks, staging, dests, rows)
                     self.used[e0.segment] = now
                     fd = fds.get(e0.segment)
                     if fd is None:
@@ -709,6 +712,58 @@ def _fill(fd: int, offset: int, batch: list, want: int) -> bool:
             got = os.preadv(fd, batch, offset)
         except OSError:
             return False
+
+
+_RECORD, _SLOT, _SIZE = attrgetter("record"), attrgetter("slot"), attrgetter("size")
+
+
+def _whole(blocks: list[tuple[int, Entry]], size: int) -> bool:
+    """Whether blocks [(i, entry)] are all of one record, in slot order, at consecutive i,
+    each `size` bytes: its whole payload is then one piece of consecutive rows."""
+    e0, n = blocks[0][1], len(blocks)
+    if n != e0.count or blocks[-1][0] - blocks[0][0] != n - 1 or e0.length - e0.head != n * size:
+        return False
+    entries = [e for _, e in blocks]
+    return list(map(_SLOT, entries)) == list(range(n)) and list(map(_SIZE, entries)).count(size) == n
+
+
+def _pieces(blocks: list[tuple[int, Entry]], staging: Staging, dests, rows):
+    """(blocks taken, header buffer, payload pieces in order) of one record's `read_into`:
+    each block's destinations (dests[i], or rows, consecutive ones merged), and `staging`
+    for the header and the bytes no one takes."""
+    blocks = sorted(blocks, key=lambda b: b[1].slot)
+    e0 = blocks[0][1]
+    if rows is None:
+        blocks = [(i, e) for i, e in blocks if sum(map(len, dests[i])) == e.size]
+    else:
+        blocks = [(i, e) for i, e in blocks if e.size == rows[1]]
+    blocks = [b for j, b in enumerate(blocks) if j == 0 or b[1] is not blocks[j - 1][1]]   # asked twice: once
+    parts, skipped, at = [], [], 0       # the payload's pieces in order; the bytes no one takes
+    run = None                           # rows: [first row, rows] of the last piece
+    for i, e in blocks:
+        if e.at > at:
+            skipped.append((len(parts), e.at - at))
+            parts.append(None)
+            run = None
+        if rows is None:
+            parts += dests[i]
+        elif run is not None and run[0] + run[1] == i:
+            run[1] += 1
+        else:
+            run = [i, 1]
+            parts.append(run)
+        at = e.at + e.size
+    if e0.length - e0.head > at:
+        skipped.append((len(parts), e0.length - e0.head - at))
+        parts.append(None)
+    if rows is not None:
+        buf, size = rows
+        parts = [buf[p[0] * size:(p[0] + p[1]) * size] if p is not None else None for p in parts]
+    spare = staging.take(e0.head + sum(n for _, n in skipped))
+    head, spare = spare[:e0.head], spare[e0.head:]
+    for j, n in skipped:
+        parts[j], spare = spare[:n], spare[n:]
+    return blocks, head, parts
 
 
 def _head_ok(head, e: Entry, fingerprint: bytes) -> bool:

@@ -182,6 +182,8 @@ class TierStore:
         direct = device.type == "cpu" and self.payload_bytes >= DIRECT_PAGE * max(1, len(self.keys_of[0]))
         self._flat = ([pools.pages[k].view(pools.pages[k].shape[0], -1).view(torch.uint8).numpy()
                        for k in self.keys_of[0]] if direct else None)
+        if self._flat is None and self.disk is not None and policy != "recompute":
+            self._staging.reserve(pools.blocks.get(0, 0) * self.payload_bytes)    # the largest reload into rows
         if self.disk is not None or self.remote is not None:
             self._writer = threading.Thread(target=self._write_loop, name="tierlm-disk-writer", daemon=True)
             self._writer.start()
@@ -484,33 +486,35 @@ class TierStore:
         start = time.perf_counter()
         out = {}
         missing = []
-        for k, n in zip(keys, sizes):
-            t = self.host.get(k) if self.host is not None else None
-            if t is not None and t.numel() == n:
-                out[k] = ("host", t)
-                continue
-            ahead = None
-            if self._ahead:                         # (a read-ahead racing this one only costs a read)
-                with self._ahead_mu:
-                    ahead = self._ahead.pop(k, None)
-                    self._ahead_bytes -= ahead[1].numel() if ahead is not None else 0
-            if ahead is not None and ahead[1].numel() == n:
-                self._promote(k, *ahead)
-                out[k] = ahead[:2]                  # read ahead of time
-            else:
-                missing.append((k, n))
+        if (self.host is None or not self.host.blocks) and not self._ahead:   # nothing in RAM (a fresh engine)
+            missing = list(zip(keys, sizes))
+        else:
+            for k, n in zip(keys, sizes):
+                t = self.host.get(k) if self.host is not None else None
+                if t is not None and t.numel() == n:
+                    out[k] = ("host", t)
+                    continue
+                ahead = None
+                if self._ahead:                         # (a read-ahead racing this one only costs a read)
+                    with self._ahead_mu:
+                        ahead = self._ahead.pop(k, None)
+                        self._ahead_bytes -= ahead[1].numel() if ahead is not None else 0
+                if ahead is not None and ahead[1].numel() == n:
+                    self._promote(k, *ahead)
+                    out[k] = ahead[:2]                  # read ahead of time
+                else:
+                    missing.append((k, n))
         if missing and (self.disk is not None or self.remote is not None):
             self.end_step()                         # a block may still be on its way down
             self._queue.join()
             start = time.perf_counter()
             sizes_of = dict(missing)
             if into is not None and self.disk is not None:
-                block_of = dict(zip(keys, into))
-                blocks = [k for k, n in missing if block_of[k] is not None and n == self.payload_bytes
-                          and self.disk.has(k)]
+                block_of, held = dict(zip(keys, into)), self.disk.index
+                blocks = [k for k, n in missing if n == self.payload_bytes and block_of[k] is not None and k in held]
                 done = self._read_into(blocks, [block_of[k] for k in blocks]) if blocks else []
                 self.bandwidth["disk"].add(len(done) * self.payload_bytes, time.perf_counter() - start)
-                out.update((k, ("disk", None)) for k in done)
+                out.update(dict.fromkeys(done, ("disk", None)))
                 missing = [(k, n) for k, n in missing if k not in out]
             for tier, got in self._read([k for k, _ in missing], staged=True).items():
                 for k, (t, meta) in got.items():
@@ -577,13 +581,17 @@ class TierStore:
         block -1 is skipped. Runs of consecutive block ids (a fresh allocation's) are one slice
         copy per stream; scattered ids one indexed copy per stream, in the widest integer the
         alignment allows (a byte-wise indexed copy ran at a tenth of memcpy's speed)."""
-        keep = [i for i, b in enumerate(blocks) if b >= 0]
-        if not keep:
-            return
+        if blocks and blocks == list(range(blocks[0], blocks[0] + len(blocks))) and blocks[0] >= 0:
+            ids, runs = blocks, [0]                 # a fresh allocation: one run
+        else:
+            keep = [i for i, b in enumerate(blocks) if b >= 0]
+            if not keep:
+                return
+            rows = rows if len(keep) == len(blocks) else rows[keep]
+            ids = [blocks[i] for i in keep]
+            runs = [0] + [j for j in range(1, len(ids)) if ids[j] != ids[j - 1] + 1]    # where a run starts
         device = self.pools.pages[keys[0]].device
-        rows = (rows if len(keep) == len(blocks) else rows[keep]).to(device, non_blocking=True)
-        ids = [blocks[i] for i in keep]
-        runs = [0] + [j for j in range(1, len(ids)) if ids[j] != ids[j - 1] + 1]    # where a run starts
+        rows = rows.to(device, non_blocking=True)
         idx = torch.tensor(ids, device=device) if len(runs) * 4 > len(ids) else None
         at = 0
         for k in keys:
