@@ -69,3 +69,31 @@ def test_fp8_record_round_trip():
         blk, got = x[:, lo:lo + 128], y[:, lo:lo + 128]
         assert ((got - blk).abs() <= blk.abs().amax(1, keepdim=True) / 16).all()
         assert ((got - blk).abs() > 0).any()             # really quantised
+
+
+def test_gather_of_consecutive_slots_is_a_view_and_matches_index_select():
+    """One sequence whose pages follow each other reads its entries as a view of the pages
+    (nothing copied); pages out of order, an entry not held, or two sequences read a copy.
+    All read the same values an explicit per-entry lookup gives."""
+    from tierlm.model.ops import StreamView, gather
+    from tierlm.spec.cache import CacheStream
+    s = CacheStream("k", "kv", 3, "token")
+    pages = torch.arange(5 * 4 * 3, dtype=torch.float64).view(5, 4, 3)      # 4 pages of 4 entries + the spare
+    pages[-1] = 0
+
+    def read(table, index):
+        view = StreamView(s, pages, torch.tensor(table), 4, torch.float64)
+        return gather(view, torch.tensor(index))
+
+    def expect(table, index):
+        return torch.stack([torch.stack([pages[t[i // 4], i % 4] if i >= 0 and t[i // 4] >= 0 else pages[-1, 0]
+                                         for i in row]) for t, row in zip(table, index)])
+
+    cases = [([[1, 2, 3]], [list(range(2, 11))], True),          # consecutive pages: a view
+             ([[2, 1, 3]], [list(range(2, 11))], False),         # out of order
+             ([[1, -1, 3]], [list(range(2, 11))], False),        # page 1 not held: zeros
+             ([[0, 1], [2, 3]], [[0, 1, 2], [5, 6, 7]], False)]  # two sequences
+    for table, index, is_view in cases:
+        got = read(table, index)
+        assert torch.equal(got, expect(table, index))
+        assert (got.untyped_storage().data_ptr() == pages.untyped_storage().data_ptr()) == is_view

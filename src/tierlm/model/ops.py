@@ -57,6 +57,24 @@ class StreamView:
         self.memo[key] = (index, *out)
         return out
 
+    def run(self, index: torch.Tensor) -> int | None:
+        """The first slot when index [1, ...] (one sequence) names held entries in consecutive
+        slots, as a sequence whose pages were allocated together has them; else None. Only
+        for CPU pages (the check reads the slots, which on an accelerator would wait for it).
+        Kept for the step, like `slots`."""
+        key = ("run", id(self.table), self.per_page, id(index))
+        hit = self.memo.get(key)
+        if hit is not None and hit[0] is index:
+            return hit[1]
+        first = None
+        if index.shape[0] == 1 and index.numel() > 1 and self.pages.device.type == "cpu":
+            slot, ok = self.slots(index)
+            flat = slot.reshape(-1)
+            if bool(ok.all()) and bool((flat[1:] - flat[:-1] == 1).all()):
+                first = int(flat[0])
+        self.memo[key] = (index, first)
+        return first
+
     def targets(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(flat slots, flat rows) of the held entries among index [B, ...]; rows None when all
         are held (a decode step: the write is then one indexed copy). Kept for the step, like
@@ -82,9 +100,14 @@ def store(view: StreamView, index: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def gather(view: StreamView, index: torch.Tensor) -> torch.Tensor:
-    """Entries at logical index [B, ...] -> [B, ..., width]; entries not held read as 0."""
-    slot, _ = view.slots(index)
+    """Entries at logical index [B, ...] -> [B, ..., width]; entries not held read as 0. The
+    result may be a view of the pages (callers only read it, before the step's next store
+    into that stream)."""
     flat = view.pages.view(-1, view.pages.shape[-1])
+    first = view.run(index)
+    if first is not None:       # consecutive slots: the pages themselves, nothing copied (read-only use)
+        return decode(view, flat[first:first + index.numel()]).view(*index.shape, -1)
+    slot, _ = view.slots(index)
     # index_select, not flat[slot]: advanced indexing ran 2-3x slower for these row copies
     return decode(view, flat.index_select(0, slot.reshape(-1))).view(*index.shape, -1)
 
