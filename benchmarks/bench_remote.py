@@ -36,7 +36,8 @@ import redis  # noqa: E402
 from bench_tiers import FIRST, prompt  # noqa: E402
 from tierlm import LLM  # noqa: E402
 from tierlm.runtime.blocks import block_hash  # noqa: E402
-from tierlm.tiers.remote import RemoteTier  # noqa: E402
+from tierlm.tiers.remote import GET_BATCH, RemoteTier  # noqa: E402
+from tierlm.tiers.segment import encode_record  # noqa: E402
 from tierlm.tiers.store import TierStore  # noqa: E402
 from tierlm.train import demo  # noqa: E402
 
@@ -93,6 +94,32 @@ def redis_benchmark(url: str, size: int, n: int, extra: list[str]) -> dict[str, 
     return rows
 
 
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def values(tier: RemoteTier, runs) -> list[bytes]:
+    """The values the tier stores for these runs (header + payloads), built outside the timing."""
+    return [b"".join([h, *p]) for h, p in (encode_record(tier.fingerprint, tier.layout, run) for run in runs)]
+
+
+def _plain_sets(client, keys, vals) -> None:
+    """redis-py alone: the same values SET in pipelines of GET_BATCH, no accounting."""
+    for at in range(0, len(keys), GET_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for k, v in zip(keys[at:at + GET_BATCH], vals[at:at + GET_BATCH]):
+            pipe.set(b"plain:" + k, v)
+        pipe.execute()
+
+
+def _plain_mgets(client, names) -> None:
+    """redis-py alone: the tier's values read with the tier's MGET batches, nothing checked."""
+    for at in range(0, len(names), GET_BATCH):
+        client.mget(names[at:at + GET_BATCH])
+
+
 def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
     """Blocks/s of the remote tier's own writes and verified reads, vs redis-benchmark's
     values/s x blocks per value."""
@@ -108,7 +135,7 @@ def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
     chunk = TierStore.CHUNK_BLOCKS
     runs = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     value = 0
-    ours_set, ours_get, bench_p, bench_d = [], [], [], []
+    ours_set, ours_get, bench_p, bench_d, client_set, client_get = [], [], [], [], [], []
     for _ in range(repeat):
         redis.Redis.from_url(url).flushdb()
         start = time.perf_counter()
@@ -121,6 +148,8 @@ def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
         assert all(g is not None and len(g) == chunk for g in got)
         value = len(redis.Redis.from_url(url).get(tier.key(keys[0])))
         n = max(1000, len(runs))
+        client_set.append(blocks / _timed(lambda: _plain_sets(tier.client, keys, values(tier, runs))))
+        client_get.append(blocks / _timed(lambda: _plain_mgets(tier.client, [tier.key(k) for k in keys])))
         bench_p.append({op: v * chunk for op, v in redis_benchmark(url, value, n, ["-P", "16", "-c", "4"]).items()})
         bench_d.append({op: v * chunk for op, v in redis_benchmark(url, value, n, []).items()})
     tier.close()
@@ -129,7 +158,8 @@ def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
         return statistics.median(r[op] for r in rows)
 
     return {"value_bytes": value, "blocks": blocks, "blocks_per_value": chunk, "set_per_s": statistics.median(ours_set),
-            "get_per_s": statistics.median(ours_get), "bench_pipelined_set": med(bench_p, "set"),
+            "get_per_s": statistics.median(ours_get), "client_set_per_s": statistics.median(client_set),
+            "client_get_per_s": statistics.median(client_get), "bench_pipelined_set": med(bench_p, "set"),
             "bench_pipelined_get": med(bench_p, "get"), "bench_default_set": med(bench_d, "set"),
             "bench_default_get": med(bench_d, "get")}
 
@@ -140,7 +170,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--url", default=None, help="an existing server (default: start one)")
-    ap.add_argument("--models", default="demo,tiny-v4", help="which of demo,tiny-v4 to run")
+    ap.add_argument("--models", default="demo,tiny-v4", help="which of demo,tiny-v4 to run (empty: throughput only)")
+    ap.add_argument("--payload", type=int, default=3328, help="block bytes for the throughput part when no model runs "
+                    "(3,328: the demo model's)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     url, proc = (args.url, None) if args.url else start_server(tmp)
@@ -149,7 +181,7 @@ def main() -> None:
         makers = {"demo": lambda: demo.build(demo.DemoSettings())[0],
                   "tiny-v4": lambda: bench_engine.make_v4(tmp, max_position=65536)}
         payload = None
-        for name in args.models.split(","):
+        for name in [m for m in args.models.split(",") if m]:
             path = makers[name]()
             ids = prompt(path, args.context)
             r = results[name] = ttft(path, url, ids, args.repeat)
@@ -160,14 +192,16 @@ def main() -> None:
             print(f"{name}: {args.context:,}-token prefix, {r['remote_bytes'] / 2**20:.2f} MiB in Redis: TTFT "
                   f"recompute {r['recompute_ttft_s']:.2f} s vs reload from the remote tier {r['reload_ttft_s']:.3f} s "
                   f"({r['remote_hit_tokens']:,} tokens from Redis): {r['ttft_ratio']:.1f}x")
-        t = results["throughput"] = throughput(url, payload, args.blocks, args.repeat)
+        t = results["throughput"] = throughput(url, payload or args.payload, args.blocks, args.repeat)
         print(f"throughput, {t['blocks']:,} blocks of the demo model in values of {t['blocks_per_value']} blocks "
               f"({t['value_bytes']:,} B); redis-benchmark values/s x {t['blocks_per_value']}:")
         for op in ("set", "get"):
-            ours = t[f"{op}_per_s"]
+            ours, plain = t[f"{op}_per_s"], t[f"client_{op}_per_s"]
             print(f"  {op.upper()}: tierlm {ours:,.0f} blocks/s vs redis-benchmark pipelined "
                   f"{t[f'bench_pipelined_{op}']:,.0f}/s ({ours / t[f'bench_pipelined_{op}']:.2f}), default "
-                  f"{t[f'bench_default_{op}']:,.0f}/s ({ours / t[f'bench_default_{op}']:.2f})")
+                  f"{t[f'bench_default_{op}']:,.0f}/s ({ours / t[f'bench_default_{op}']:.2f}); redis-py alone, "
+                  f"same values and batches, nothing checked: {plain:,.0f}/s "
+                  f"({plain / t[f'bench_pipelined_{op}']:.2f} of redis-benchmark pipelined)")
     finally:
         if proc is not None:
             proc.kill()
