@@ -139,3 +139,19 @@ def test_cli_generate_and_bench(checkpoint):
     assert out.exit_code == 0, out.output
     res = json.loads(out.output)
     assert res["tokens_per_s"] > 0 and res["steps"] == 3 and res["cache_bytes_per_seq"] > 0
+
+
+def test_lost_blocks_are_an_error_not_a_hang(checkpoint):
+    """If blocks were ever lost (held by no request, a bug), a request that cannot get any
+    must fail with a clear error instead of the engine waiting forever; given back, it runs."""
+    llm = LLM(checkpoint[1], dtype=torch.float64, max_model_len=48)
+    pool = llm.manager.bp[0]
+    lost = [pool.allocate() for _ in range(pool.num_free)]
+    llm.add_request([3, 4, 5, 6], GREEDY)
+    with pytest.raises(TierlmError, match="cannot make progress"):
+        llm.step()
+    for b in lost:
+        pool.release(b)
+    while llm.scheduler.has_work():
+        llm.step()
+    assert llm.stats()["blocks_in_use"] == 0

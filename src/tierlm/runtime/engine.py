@@ -309,6 +309,10 @@ class LLM:
         """Run one scheduled step; returns the requests that made progress."""
         batch, prefill = self.scheduler.schedule()
         if not batch:
+            if self.scheduler.stalled():           # an error, not a loop that waits forever
+                raise TierlmError(f"the engine cannot make progress: {len(self.scheduler.waiting)} request(s) wait "
+                                  f"and none runs, but the pools have no room ({self.manager.blocks_in_use()} "
+                                  "blocks held by no request); this is a bug in tierlm, please report it")
             return []
         step = self._step(batch)
         ids = self._ids(batch).to(self.device)

@@ -82,6 +82,11 @@ class Scheduler:
                 batch.append((seq, n))
         return batch, False
 
+    def stalled(self) -> bool:
+        """After a schedule() that chose nothing: requests wait, none runs and none was just
+        preempted, so no step will ever free a block for them (blocks lost to a bug)."""
+        return bool(self.waiting) and not self.running and not self._preempted
+
     def _sibling_prefilling(self, seq: Sequence) -> bool:
         """A sample of an n > 1 request waits while a sibling computes their shared prompt,
         then takes its full blocks from the prefix cache instead of computing them again."""
