@@ -509,7 +509,8 @@ class SegmentStore:
                 for rec in sorted(wanted):
                     blocks = wanted[rec]
                     e0 = blocks[0][1]
-                    if rows is not None and _whole(blocks, rows[1]):     # the record is one piece of rows
+                    whole = rows is not None and _whole(blocks, rows[1])   # the record is one piece of rows
+                    if whole:
                         i0, n = blocks[0][0], len(blocks)
                         head, parts = staging.take(e0.head), [rows[0][i0 * rows[1]:(i0 + n) * rows[1]]]
                     else:
@@ -519,8 +520,11 @@ class SegmentStore:
                     if fd is None:
                         fd = fds[e0.segment] = self._open(e0.segment)
                     if fd is not None and _read_hashed(fd, e0.offset, head, parts) == e0.crc and _head_ok(head, e0, fingerprint):
-                        for i, _ in blocks:
-                            ok[i] = True
+                        if whole:
+                            ok[i0:i0 + n] = [True] * n
+                        else:
+                            for i, _ in blocks:
+                                ok[i] = True
                     else:
                         for i, _ in wanted[rec]:
                             self.corrupt += 1
