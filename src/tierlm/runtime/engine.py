@@ -108,15 +108,18 @@ class LLM:
         self.eos = _eos_ids(self.path)
         self._requests: dict[str, list[Sequence]] = {}
         self._counter = 0
-        if self.experts is None:            # (off-device experts would be read for nothing)
+        warm = (root, str(self.device))
+        if self.experts is None and warm not in _WARMED:   # (off-device experts would be read for nothing)
             self._warm_up()
+            _WARMED.add(warm)
 
     @torch.no_grad()
     def _warm_up(self) -> None:
         """Run one token through the model once at start, so that the first request does not pay
         for first-call setup (oneDNN builds its kernels for a shape on first use: the 99.5M
-        Llama's first step took 50-80 ms longer than the next ones here). Its blocks are freed
-        unnamed: no cache entry, tier or statistic sees it."""
+        Llama's first step took 50-80 ms longer than the next ones here). Those kernels are
+        kept for the process, so a later engine of the same model and layout skips this. Its
+        blocks are freed unnamed: no cache entry, tier or statistic sees it."""
         seq = Sequence("warm-up", 0, [0], SamplingParams(max_tokens=1))
         batch = [(seq, 1)]
         self.manager.allocate(seq, 1)
@@ -457,6 +460,9 @@ class LLM:
                     if out.finished:
                         bar.advance(task)
                     yield out
+
+
+_WARMED: set[tuple[bytes, str]] = set()     # (fingerprint, device) of the engines warmed up in this process
 
 
 def _pair(prompts, params):
