@@ -273,7 +273,7 @@ class RemoteTier:
         with _gc_paused():
             values = (self._call(read) if keys else None) or []
             for i, (k, v) in enumerate(zip(keys, values)):
-                run = decode(bytearray(v), k, self.fingerprint, self.layout) if v is not None else None
+                run = decode(v, k, self.fingerprint, self.layout) if v is not None else None
                 if run is None and v is not None:
                     bad.append(k)
                 out[i] = run

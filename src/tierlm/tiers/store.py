@@ -633,8 +633,15 @@ class TierStore:
 
 
 def _tensor(body) -> torch.Tensor:
-    """A uint8 tensor over a payload's bytes (no copy)."""
+    """A uint8 tensor over a payload's bytes (no copy). A remote value's bytes are the client's
+    read-only `bytes`: the tensors over them are only ever read (restored into the pools, kept
+    by the host tier, written down to disk), so they are not copied into writable memory."""
     return torch.frombuffer(body, dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
+
+
+with warnings.catch_warnings():      # torch warns once per process about a tensor over read-only
+    warnings.simplefilter("ignore")  # memory; `_tensor`'s are read-only by contract, so spend it here
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
 
 def _widest(*ts: torch.Tensor) -> torch.dtype:
