@@ -187,12 +187,15 @@ def train_grpo(llm, prompts: list[str], steps: int, cfg: GRPOConfig | None = Non
                                dtype=torch.float64)
         adv = group_advantages(rewards).flatten().float()
         ids, mask = _batch(outs)
-        with torch.no_grad():
-            old = token_logprobs(model, ids)
-            ref_lp = token_logprobs(ref, ids)
         if adv.abs().sum() > 0:
+            with torch.no_grad():
+                ref_lp = token_logprobs(ref, ids)
+            old = None
             for _ in range(cfg.inner_steps):
-                loss = grpo_loss(token_logprobs(model, ids), old, ref_lp, adv, mask, cfg.clip, cfg.beta)
+                logp = token_logprobs(model, ids)
+                if old is None:         # pi_old is the policy that sampled: the first update's own
+                    old = logp.detach()  # log-probs, so its ratio is exactly 1 (no extra forward)
+                loss = grpo_loss(logp, old, ref_lp, adv, mask, cfg.clip, cfg.beta)
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
