@@ -237,6 +237,37 @@ def test_auto_policy_recomputes_short_prefixes_and_reloads_long_ones(family, tmp
     assert not short and long
 
 
+def test_learned_rates_carry_over_to_the_next_engine(tmp_path):
+    """An engine learns the prefill rate from its prefill steps and the disk's read rate from
+    its reloads; the next engine on the directory starts from them, and a damaged rates.json
+    falls back to the starting guesses."""
+    _, path = te.MAKERS["llama"](tmp_path / "llama")
+    d = tmp_path / "kv"
+    first = LLM(path, **RELOAD, cache_dir=d)
+    measured = first.store.flops.value                    # the matmul timed at start
+    run(first, LONG)
+    assert first.store.flops.learned > 0 and first.store.flops.value != measured
+    first.close()
+    second = LLM(path, **RELOAD, cache_dir=d)
+    run(second, LONG)                                     # a disk reload: the read rate is learned
+    assert second.stats()["prefix_hit_tokens_by_tier"]["disk"] > 0 and second.store.bandwidth["disk"].learned
+    learned = {"disk_read": second.store.bandwidth["disk"].value, second.store._prefill_rate: second.store.flops.value}
+    second.close()
+    saved = json.loads((d / "rates.json").read_text())
+    assert saved == pytest.approx(learned) and saved["disk_read"] != tier_store.DISK_READ_GUESS
+    third = LLM(path, **RELOAD, cache_dir=d)
+    assert third.store.bandwidth["disk"].value == saved["disk_read"]
+    assert third.store.flops.value == saved[third.store._prefill_rate]
+    third.close()
+    (d / "rates.json").write_text('{"disk_read": -1, "prefill:cpu:00": NaN, "x": "fast"}')
+    fourth = LLM(path, **RELOAD, cache_dir=d)
+    assert fourth.store.bandwidth["disk"].value == tier_store.DISK_READ_GUESS
+    assert fourth.store.flops.value != saved[fourth.store._prefill_rate]      # timed again at start
+    fourth.close()
+    (d / "rates.json").write_text("not json")
+    LLM(path, **RELOAD, cache_dir=d).close()
+
+
 def test_bad_tier_arguments(family, tmp_path):
     _, path, _ = family
     with pytest.raises(TierlmError, match="kv_tiers"):
@@ -265,6 +296,8 @@ def test_cache_cli(tmp_path):
     assert got["blocks"] == 6 and got["models"][0]["blocks"] == 6      # 70 + 32 tokens, 101 computed: 6 full blocks
     stats = runner.invoke(app, ["cache", "stats", str(d)])
     assert stats.exit_code == 0 and "blocks stored" in stats.output
+    rate = next(v for k, v in got["rates"].items() if k.startswith("prefill:cpu:"))     # learned by the prefill
+    assert f"learned here: prefill {rate / 1e9:,.1f} GFLOP/s (cpu, model " in stats.output
     verify = runner.invoke(app, ["cache", "verify", str(d), "--json"])
     assert verify.exit_code == 0 and json.loads(verify.stdout)["bad"] == 0
     seg = next(d.glob("seg-*.log"))

@@ -432,7 +432,7 @@ def cache(
         usage = store.usage()
         result = {"directory": directory, "bytes": store.nbytes(), "blocks": len(store.index),
                   "segments": len(store.segments), "torn_or_corrupt": store.corrupt, "usage": usage,
-                  "models": [{"fingerprint": fp.hex(), **m} for fp, m in models.items()]}
+                  "rates": store.rates(), "models": [{"fingerprint": fp.hex(), **m} for fp, m in models.items()]}
         if action == "verify":
             good, bad = store.verify()
             result.update(good=good, bad=bad)
@@ -453,6 +453,13 @@ def cache(
             hits = usage.get("hit_tokens", {})
             print(f"  since created: {usage.get('stored', 0):,} blocks stored, {usage.get('reloads', 0):,} reloads, "
                   f"{usage.get('recomputes', 0):,} recomputes; hit tokens " + ", ".join(f"{k} {v:,}" for k, v in hits.items()))
+        rates = result["rates"]
+        if action == "stats" and rates:
+            prefill = [f"{v / 1e9:,.1f} GFLOP/s ({k.split(':')[1]}, model {k.split(':')[2][:12]})"
+                       for k, v in rates.items() if k.count(":") == 2]
+            print("  learned here: " + "; ".join(
+                ([f"disk reads {rates['disk_read'] / 1e9:,.2f} GB/s"] if "disk_read" in rates else [])
+                + ([f"prefill {', '.join(prefill)}"] if prefill else [])))
         if action == "verify":
             print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (dropped from the index)")
     if action == "verify" and result["bad"]:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -317,6 +318,8 @@ class LLM:
                                   f"and none runs, but the pools have no room ({self.manager.blocks_in_use()} "
                                   "blocks held by no request); this is a bug in tierlm, please report it")
             return []
+        start = time.perf_counter()
+        flops = self._prefill_flops(batch) if prefill and self.store is not None else 0.0
         step = self._step(batch)
         ids = self._ids(batch).to(self.device)
         if self.experts is not None and hasattr(self.model, "known_experts"):
@@ -328,6 +331,8 @@ class LLM:
             touched = self._sample_last(batch, h)
             if self.speculator is not None:
                 self.speculator.after_prefill(batch, step, h)
+            if flops and (self.device.type == "cpu" or touched):     # (a sampled token waited for the step)
+                self.store.flops.add(flops, time.perf_counter() - start)
         for seq, _ in batch:
             if seq.status is Status.RUNNING:
                 self.manager.commit(seq)
@@ -337,6 +342,11 @@ class LLM:
         if self.store is not None:
             self.store.end_step()
         return [self._output(rid) for rid in dict.fromkeys(touched)]
+
+    def _prefill_flops(self, batch: list[tuple[Sequence, int]]) -> float:
+        """The step's prefill FLOPs, as the reload-or-recompute policy counts them: what it
+        learns the machine's compute rate from."""
+        return sum(self.store.recompute_flops(seq.num_computed, seq.num_computed + n) for seq, n in batch)
 
     def _sample_last(self, batch: list[tuple[Sequence, int]], h: torch.Tensor) -> list[str]:
         """Count the step's tokens as cached; sample after each row that reached its last token."""

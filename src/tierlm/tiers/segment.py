@@ -6,6 +6,8 @@ Directory layout (private to the user: 0700 directory, 0600 files):
                         dtype, shape, offset and size; <id> is the sha256 of the file's content
   usage.json            counters accumulated by the engines that used the directory
   used.json             when each segment was last written or read, saved at close (LRU eviction)
+  rates.json            the disk's read rate and each model's prefill rate, as engines learned
+                        them here (the reload-or-recompute policy starts from them)
   seg-<n>.log           records, appended; a new segment starts past `SEGMENT_BYTES`. Block
                         records and resume records go to different open segments, so the
                         blocks of a prefix lie one after another
@@ -444,6 +446,22 @@ class SegmentStore:
         except (OSError, json.JSONDecodeError):
             return {}
 
+    def rates(self) -> dict[str, float]:
+        """Rates engines learned on this machine (rates.json): name -> units per second; a
+        damaged file, or a value that is not a positive number, is ignored."""
+        try:
+            got = json.loads((self.path / "rates.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(got, dict):
+            return {}
+        return {k: float(v) for k, v in got.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")}
+
+    def put_rates(self, rates: dict[str, float]) -> None:
+        """Record learned rates (atomically replaced), keeping the others'."""
+        self._atomic_write(self.path / "rates.json", json.dumps({**self.rates(), **rates}, sort_keys=True).encode())
+
     def add_usage(self, counts: dict) -> None:
         """Add an engine's counters to usage.json (atomically replaced)."""
         total = self.usage()
@@ -460,7 +478,7 @@ class SegmentStore:
         with self._mu:
             for n in list(self.segments):
                 self._drop_segment(n)
-            for f in [*self.path.glob("layout-*.json"), self.path / "usage.json", self.path / "used.json"]:
+            for f in [*self.path.glob("layout-*.json"), *(self.path / n for n in ("usage.json", "used.json", "rates.json"))]:
                 f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads

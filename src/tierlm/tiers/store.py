@@ -15,8 +15,9 @@ prefetched ones, the disk or the remote store (verified, then promoted to the ti
 Policy: a hit found only below the device is reloaded when the planner's cost model says
 reloading beats recomputing: reload = the tier's latency + bytes / its read bandwidth, recompute =
 prefill FLOPs of those positions (`tierlm.plan.planner.prefill_flops`) / this machine's
-compute rate. Both rates are measured once at start and then learned from every reload and
-prefill step the engine runs.
+compute rate. Both rates start from what earlier engines learned in the cache directory
+(`rates.json`), else from a guess (disk) or a matmul timed at start (compute), and are then
+learned from every disk reload and prefill step the engine runs.
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ class Rate:
 
     def __init__(self, first: float):
         self.value = first
+        self.learned = 0           # measurements added
 
     def add(self, units: float, seconds: float) -> None:
         if seconds > 0 and units > 0:
             self.value = 0.7 * self.value + 0.3 * units / seconds
+            self.learned += 1
 
 
 class TierStore:
@@ -161,12 +164,15 @@ class TierStore:
                        if urls else None)
         self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "prefetched": 0, "disk_full": False,
                       "reload_seconds": 0.0}
-        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(DISK_READ_GUESS)}
+        # what earlier engines learned on this machine, else a guess (disk) or a measurement (compute)
+        learned = self.disk.rates() if self.disk is not None else {}
+        self._prefill_rate = f"prefill:{device.type}:{fingerprint.hex()}"
+        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(learned.get("disk_read", DISK_READ_GUESS))}
         self.latency = dict(self.LATENCY)
         if self.remote is not None:
             self.bandwidth["remote"] = Rate(LINK_GUESS)
             self.latency["remote"] = self.remote.latency
-        self.flops = Rate(_matmul_rate(pools.dtype))
+        self.flops = Rate(learned.get(self._prefill_rate) or _matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
         self._pending: list = []       # this step's blocks for the disk, queued together by end_step()
         self._writer = self._reader = None
@@ -388,6 +394,9 @@ class TierStore:
             try:
                 self.disk.add_usage({"stored": self.stats["stored"], "reloads": self.stats["reloads"],
                                      "recomputes": self.stats["recomputes"], "hit_tokens": hit_tokens or {}})
+                rates = {"disk_read": self.bandwidth["disk"], self._prefill_rate: self.flops}
+                if any(r.learned for r in rates.values()):
+                    self.disk.put_rates({k: r.value for k, r in rates.items() if r.learned})
             except OSError:
                 pass
             self.disk.close()
