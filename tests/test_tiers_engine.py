@@ -237,6 +237,19 @@ def test_auto_policy_recomputes_short_prefixes_and_reloads_long_ones(family, tmp
     assert not short and long
 
 
+def test_a_guessed_rate_gives_way_to_the_first_measurement():
+    guess = tier_store.Rate(2e9)
+    guess.add(1e6, 0.0)                                   # nothing timed: ignored
+    assert guess.value == 2e9 and guess.learned == 0
+    guess.add(1e6, 0.01)
+    assert guess.value == pytest.approx(1e8)              # the guess is dropped, not averaged in
+    guess.add(3e6, 0.01)
+    assert guess.value == pytest.approx(0.7 * 1e8 + 0.3 * 3e8) and guess.learned == 2
+    earlier = tier_store.Rate(5e8, measured=True)         # learned by an earlier engine: averaged
+    earlier.add(1e6, 0.01)
+    assert earlier.value == pytest.approx(0.7 * 5e8 + 0.3 * 1e8)
+
+
 def test_learned_rates_carry_over_to_the_next_engine(tmp_path):
     """An engine learns the prefill rate from its prefill steps and the disk's read rate from
     its reloads; the next engine on the directory starts from them, and a damaged rates.json

@@ -78,15 +78,20 @@ class HostTier:
 
 
 class Rate:
-    """An exponentially weighted estimate of a rate (units per second)."""
+    """An exponentially weighted estimate of a rate (units per second). A starting value that
+    is only a guess or a proxy (a timed matmul for prefill) gives way to the first real
+    measurement; one learned earlier (`measured`) is averaged with the new ones."""
 
-    def __init__(self, first: float):
+    def __init__(self, first: float, measured: bool = False):
         self.value = first
+        self.measured = measured
         self.learned = 0           # measurements added
 
     def add(self, units: float, seconds: float) -> None:
         if seconds > 0 and units > 0:
-            self.value = 0.7 * self.value + 0.3 * units / seconds
+            rate = units / seconds
+            self.value = 0.7 * self.value + 0.3 * rate if self.measured else rate
+            self.measured = True
             self.learned += 1
 
 
@@ -167,12 +172,14 @@ class TierStore:
         # what earlier engines learned on this machine, else a guess (disk) or a measurement (compute)
         learned = self.disk.rates() if self.disk is not None else {}
         self._prefill_rate = f"prefill:{device.type}:{fingerprint.hex()}"
-        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(learned.get("disk_read", DISK_READ_GUESS))}
+        disk = learned.get("disk_read")
+        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(disk or DISK_READ_GUESS, measured=bool(disk))}
         self.latency = dict(self.LATENCY)
         if self.remote is not None:
             self.bandwidth["remote"] = Rate(LINK_GUESS)
             self.latency["remote"] = self.remote.latency
-        self.flops = Rate(learned.get(self._prefill_rate) or _matmul_rate(pools.dtype))
+        prefill = learned.get(self._prefill_rate)
+        self.flops = Rate(prefill or _matmul_rate(pools.dtype), measured=bool(prefill))
         self._queue: queue.Queue = queue.Queue()
         self._pending: list = []       # this step's blocks for the disk, queued together by end_step()
         self._writer = self._reader = None
