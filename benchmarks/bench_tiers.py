@@ -41,6 +41,7 @@ import tierlm  # noqa: E402
 from tierlm import LLM, SamplingParams  # noqa: E402
 from tierlm.runtime.blocks import block_hash, hash_chain  # noqa: E402
 from tierlm.tiers.segment import SegmentStore  # noqa: E402
+from tierlm.tiers.store import TierStore  # noqa: E402
 from tierlm.train import demo  # noqa: E402
 
 FIRST = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -114,9 +115,11 @@ def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
     """TTFT of a fresh engine reloading ids' prefix from the disk tier, the page cache
     dropped after the engine started (its start reads the record headers)."""
     llm = LLM(path, cache_dir=d, tier_policy="reload", max_model_len=len(ids) + 8, max_num_seqs=1, **kw)
+    rate = llm.store.bandwidth["disk"]               # what the policy expects of this reload: learned by
+    learned = rate.value if rate.measured else None  # the earlier engines on the directory, or a guess
     drop_cache(sorted(d.glob("seg-*.log")))
     t = ttft(llm, ids)
-    stats = llm.stats()
+    stats = {**llm.stats(), "learned_disk_rate": learned}
     llm.close()
     return t, stats
 
@@ -148,11 +151,12 @@ def reloads(path, d: Path, ids: list[int], repeat: int, **kw) -> dict:
     store, keys, ranges = reload_ranges(d, ids)
     files = sorted(d.glob("seg-*.log"))
     fp = store.index[keys[0]].fingerprint
-    ttfts, engine, mapped, raw, whole, hits = [], [], [], [], [], None
+    ttfts, engine, mapped, raw, whole, hits, rates = [], [], [], [], [], None, []
     for _ in range(repeat):
         t, stats = reload_ttft(path, d, ids, **kw)
         ttfts.append(t)
         engine.append(stats["reload_seconds"])
+        rates.append(stats["learned_disk_rate"])
         hits = stats["prefix_hit_tokens_by_tier"]
         drop_cache(files)
         start = time.perf_counter()
@@ -165,10 +169,14 @@ def reloads(path, d: Path, ids: list[int], repeat: int, **kw) -> dict:
         raw.append(t)
         whole.append(raw_read(files))
     nbytes = sum(hi - lo for _, lo, hi in ranges)
+    # the policy's own prediction (latency + bytes / the disk rate it started with), for the runs
+    # that started from a rate learned by an earlier engine, vs each run's measured reload
+    policy = [(TierStore.LATENCY["disk"] + nbytes / r, e) for r, e in zip(rates, engine) if r]
     return {"bytes": nbytes, "blocks": len(keys), "records": len({store.index[k].record for k in keys}),
             "disk_bytes": sum(f.stat().st_size for f in files), "reload_ttft_s": statistics.median(ttfts),
             "reload_ttft_runs_s": ttfts, "disk_hit_tokens": hits["disk"],
             "reload_s": statistics.median(engine), "reload_runs_s": engine, "raw_s": statistics.median(raw),
+            "policy_predicted_runs_s": [p for p, _ in policy], "policy_measured_runs_s": [e for _, e in policy],
             "mapped_GBps": nbytes / statistics.median(mapped) / 1e9,
             "reload_GBps": nbytes / statistics.median(engine) / 1e9, "raw_GBps": n / statistics.median(raw) / 1e9,
             "whole_files_GBps": whole[0][0] / statistics.median(t for _, t in whole) / 1e9}
@@ -269,6 +277,12 @@ def main() -> None:
         print(f"  planner: {r['planner_cache_bytes'] / 2**20:.1f} MiB / {bw['raw_GBps']:.2f} GB/s = "
               f"{predicted * 1e3:.1f} ms predicted vs {bw['reload_s'] * 1e3:.1f} ms measured "
               f"({r['planner_vs_measured']:.2f}x)")
+        if r["policy_predicted_runs_s"]:
+            ratios = [p / m for p, m in zip(r["policy_predicted_runs_s"], r["policy_measured_runs_s"])]
+            print("  the policy's prediction (the disk rate learned by the earlier reloads on this directory): "
+                  + ", ".join(f"{p * 1e3:.1f} ms predicted vs {m * 1e3:.1f} ms" for p, m in
+                              zip(r["policy_predicted_runs_s"], r["policy_measured_runs_s"]))
+                  + f" ({', '.join(f'{x:.2f}x' for x in ratios)})")
     if not args.skip_llamacpp:
         lc = llamacpp(tmp, args.llamacpp_context, args.threads, args.repeat)
         results["llamacpp"] = lc
