@@ -264,18 +264,19 @@ def test_learned_rates_carry_over_to_the_next_engine(tmp_path):
     second = LLM(path, **RELOAD, cache_dir=d)
     run(second, LONG)                                     # a disk reload: the read rate is learned
     assert second.stats()["prefix_hit_tokens_by_tier"]["disk"] > 0 and second.store.bandwidth["disk"].learned
-    learned = {"disk_read": second.store.bandwidth["disk"].value, second.store._prefill_rate: second.store.flops.value}
+    prefill = next(k for k in second.store.rates if k.startswith("prefill:cpu:"))
+    learned = {"disk_read": second.store.bandwidth["disk"].value, prefill: second.store.flops.value}
     second.close()
     saved = json.loads((d / "rates.json").read_text())
     assert saved == pytest.approx(learned) and saved["disk_read"] != tier_store.DISK_READ_GUESS
     third = LLM(path, **RELOAD, cache_dir=d)
     assert third.store.bandwidth["disk"].value == saved["disk_read"]
-    assert third.store.flops.value == saved[third.store._prefill_rate]
+    assert third.store.flops.value == saved[prefill]
     third.close()
     (d / "rates.json").write_text('{"disk_read": -1, "prefill:cpu:00": NaN, "x": "fast"}')
     fourth = LLM(path, **RELOAD, cache_dir=d)
     assert fourth.store.bandwidth["disk"].value == tier_store.DISK_READ_GUESS
-    assert fourth.store.flops.value != saved[fourth.store._prefill_rate]      # timed again at start
+    assert fourth.store.flops.value != saved[prefill]      # timed again at start
     fourth.close()
     (d / "rates.json").write_text("not json")
     LLM(path, **RELOAD, cache_dir=d).close()

@@ -97,7 +97,11 @@ def test_two_processes_share_a_prefix(family, shared_url, tmp_path):
     llm.store.flush()
     chain = [k for k in llm.store.remote.cover if llm.store.where(k) == "host"][:6]
     assert len(chain) == 6 and all(llm.store.disk.has(k) for k in chain)    # the hits promoted to the disk
+    link = llm.store.bandwidth["remote"]
+    assert link.learned and link.value != remote.LINK_GUESS                  # measured by the remote reload
     llm.close()
+    saved = json.loads((tmp_path / "kv" / "rates.json").read_text())         # the next engine starts from it
+    assert saved[f"remote_read:{remote.redact(shared_url)}"] == pytest.approx(link.value)
 
 
 def test_remote_hits_are_prefetched(family, shared_url):

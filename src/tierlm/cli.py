@@ -456,10 +456,12 @@ def cache(
         rates = result["rates"]
         if action == "stats" and rates:
             prefill = [f"{v / 1e9:,.1f} GFLOP/s ({k.split(':')[1]}, model {k.split(':')[2][:12]})"
-                       for k, v in rates.items() if k.count(":") == 2]
+                       for k, v in rates.items() if k.startswith("prefill:")]
+            links = [f"{k.split(':', 1)[1]} {v / 1e9:,.2f} GB/s" for k, v in rates.items() if k.startswith("remote_read:")]
             print("  learned here: " + "; ".join(
                 ([f"disk reads {rates['disk_read'] / 1e9:,.2f} GB/s"] if "disk_read" in rates else [])
-                + ([f"prefill {', '.join(prefill)}"] if prefill else [])))
+                + ([f"prefill {', '.join(prefill)}"] if prefill else [])
+                + ([f"remote reads {', '.join(links)}"] if links else [])))
         if action == "verify":
             print(f"verified {result['good']:,} blocks, {result['bad']:,} corrupt (dropped from the index)")
     if action == "verify" and result["bad"]:

@@ -6,8 +6,9 @@ Directory layout (private to the user: 0700 directory, 0600 files):
                         dtype, shape, offset and size; <id> is the sha256 of the file's content
   usage.json            counters accumulated by the engines that used the directory
   used.json             when each segment was last written or read, saved at close (LRU eviction)
-  rates.json            the disk's read rate and each model's prefill rate, as engines learned
-                        them here (the reload-or-recompute policy starts from them)
+  rates.json            the disk's read rate, each model's prefill rate and each remote store's
+                        read rate, as engines learned them here (the reload-or-recompute policy
+                        starts from them)
   seg-<n>.log           records, appended; a new segment starts past `SEGMENT_BYTES`. Block
                         records and resume records go to different open segments, so the
                         blocks of a prefix lie one after another

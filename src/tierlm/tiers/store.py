@@ -169,17 +169,21 @@ class TierStore:
                        if urls else None)
         self.stats = {"reloads": 0, "recomputes": 0, "stored": 0, "prefetched": 0, "disk_full": False,
                       "reload_seconds": 0.0}
-        # what earlier engines learned on this machine, else a guess (disk) or a measurement (compute)
+        # the rates earlier engines learned on this machine (rates.json), else a guess or a proxy
         learned = self.disk.rates() if self.disk is not None else {}
-        self._prefill_rate = f"prefill:{device.type}:{fingerprint.hex()}"
-        disk = learned.get("disk_read")
-        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": Rate(disk or DISK_READ_GUESS, measured=bool(disk))}
+        self.rates: dict[str, Rate] = {}             # rates.json name -> the rate, saved at close
+
+        def rate(name: str, start) -> Rate:
+            got = learned.get(name)
+            self.rates[name] = Rate(got or start(), measured=bool(got))
+            return self.rates[name]
+
+        self.bandwidth = {"host": Rate(_host_copy_rate()), "disk": rate("disk_read", lambda: DISK_READ_GUESS)}
         self.latency = dict(self.LATENCY)
         if self.remote is not None:
-            self.bandwidth["remote"] = Rate(LINK_GUESS)
+            self.bandwidth["remote"] = rate(f"remote_read:{self.remote.url}", lambda: LINK_GUESS)
             self.latency["remote"] = self.remote.latency
-        prefill = learned.get(self._prefill_rate)
-        self.flops = Rate(prefill or _matmul_rate(pools.dtype), measured=bool(prefill))
+        self.flops = rate(f"prefill:{device.type}:{fingerprint.hex()}", lambda: _matmul_rate(pools.dtype))
         self._queue: queue.Queue = queue.Queue()
         self._pending: list = []       # this step's blocks for the disk, queued together by end_step()
         self._writer = self._reader = None
@@ -401,9 +405,8 @@ class TierStore:
             try:
                 self.disk.add_usage({"stored": self.stats["stored"], "reloads": self.stats["reloads"],
                                      "recomputes": self.stats["recomputes"], "hit_tokens": hit_tokens or {}})
-                rates = {"disk_read": self.bandwidth["disk"], self._prefill_rate: self.flops}
-                if any(r.learned for r in rates.values()):
-                    self.disk.put_rates({k: r.value for k, r in rates.items() if r.learned})
+                if any(r.learned for r in self.rates.values()):
+                    self.disk.put_rates({k: r.value for k, r in self.rates.items() if r.learned})
             except OSError:
                 pass
             self.disk.close()
