@@ -158,7 +158,8 @@ class CacheManager:
         chain = hash_chain(self.root, toks[:len(toks) - 1], b)
 
         def hit(g: int, i: int) -> int | None:
-            return self.bp[g].lookup(chain[i], toks[i * b:(i + 1) * b])
+            bp = self.bp[g]      # (most blocks of a long reload miss: no token slice for them)
+            return bp.lookup(chain[i], toks[i * b:(i + 1) * b]) if chain[i] in bp.by_hash else None
 
         def device_window(n: int) -> bool:
             return all(hit(g, i) is not None for g in self.groups if g for i in self._needed(g, n))
