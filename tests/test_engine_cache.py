@@ -97,3 +97,15 @@ def test_gather_of_consecutive_slots_is_a_view_and_matches_index_select():
         got = read(table, index)
         assert torch.equal(got, expect(table, index))
         assert (got.untyped_storage().data_ptr() == pages.untyped_storage().data_ptr()) == is_view
+
+
+def test_lookup_needs_the_hash_and_the_same_token_ids():
+    from tierlm.runtime.blocks import BlockPool, block_hash
+    pool = BlockPool(4)
+    ids = list(range(40))
+    h = block_hash(b"root", ids[16:32])
+    b = pool.allocate()
+    pool.name(b, h, ids[16:32])
+    assert pool.lookup(h, ids, 16) == b
+    assert pool.lookup(h, ids, 15) is None                       # same hash, other token ids: a collision
+    assert pool.lookup(block_hash(b"root", ids[:16]), ids, 0) is None      # not held

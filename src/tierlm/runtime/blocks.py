@@ -51,12 +51,15 @@ class BlockPool:
         self.refs[b] = 1
         return b
 
-    def lookup(self, h: bytes, tokens: Sequence[int]) -> int | None:
-        """A cached block with this hash whose token ids really match (a collision guard)."""
+    def lookup(self, h: bytes, token_ids: Sequence[int], start: int) -> int | None:
+        """A cached block with this hash whose token ids really are token_ids[start:start +
+        block] (a collision guard). A miss costs one dict lookup: a long reload misses on
+        thousands of blocks, so the ids are only sliced on a hit."""
         b = self.by_hash.get(h)
-        if b is None or self.tokens_of[b] != tuple(tokens):
+        if b is None:
             return None
-        return b
+        want = self.tokens_of[b]
+        return b if tuple(token_ids[start:start + len(want)]) == want else None
 
     def take(self, b: int) -> None:
         """One more user of a cached block (reviving it from the free list if unused)."""

@@ -158,8 +158,7 @@ class CacheManager:
         chain = hash_chain(self.root, toks[:len(toks) - 1], b)
 
         def hit(g: int, i: int) -> int | None:
-            bp = self.bp[g]      # (most blocks of a long reload miss: no token slice for them)
-            return bp.lookup(chain[i], toks[i * b:(i + 1) * b]) if chain[i] in bp.by_hash else None
+            return self.bp[g].lookup(chain[i], toks, i * b)
 
         def device_window(n: int) -> bool:
             return all(hit(g, i) is not None for g in self.groups if g for i in self._needed(g, n))
@@ -204,7 +203,7 @@ class CacheManager:
         on_device = 0
         if 0 in self.groups:
             on_device = next((i for i in range(len(chain))
-                              if self.bp[0].lookup(chain[i], token_ids[i * b:(i + 1) * b]) is None), len(chain))
+                              if self.bp[0].lookup(chain[i], token_ids, i * b) is None), len(chain))
         self.store.prefetch(chain, on_device)
 
     def _longest(self, blocks: int, have0, window_ok) -> int:
