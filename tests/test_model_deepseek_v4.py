@@ -240,6 +240,21 @@ def test_mhc_matches_official_formula():
     assert torch.allclose(comb.sum(-2), torch.ones(2, 3, n, dtype=torch.float64), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,n", [(1, 2), (16, 4), (700, 4)])
+def test_sinkhorn_on_cpu_is_bit_identical_to_torch_ops(dtype, rows, n):
+    """The CPU loop runs in numpy; it must round exactly as the torch loop the reference uses."""
+    g = torch.Generator().manual_seed(rows)
+    comb = torch.softmax(torch.randn(rows, 1, n, n, generator=g, dtype=dtype) * 4, -1) + 1e-6
+    want = comb / (comb.sum(-2, keepdim=True) + 1e-6)
+    for _ in range(19):
+        want = want / (want.sum(-1, keepdim=True) + 1e-6)
+        want = want / (want.sum(-2, keepdim=True) + 1e-6)
+    got = v4.sinkhorn(comb, 20, 1e-6)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(v4.sinkhorn(comb.clone().requires_grad_(), 20, 1e-6).detach(), want)   # the torch path
+
+
 def test_mtp_checkpoint(tmp_path):
     hf, ids = make_checkpoint(tmp_path, "mixed", seed=1)
     plain = tm.load(tmp_path, dtype=torch.float64, progress=False)
