@@ -119,18 +119,20 @@ def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
     learned = rate.value if rate.measured else None  # the earlier engines on the directory, or a guess
     drop_cache(sorted(d.glob("seg-*.log")))
     t = ttft(llm, ids)
-    stats = {**llm.stats(), "learned_disk_rate": learned}
+    stats = {**llm.stats(), "learned_disk_rate": learned, "whole_prompt": llm.manager.copy_last}
     llm.close()
     return t, stats
 
 
-def reload_ranges(d: Path, ids: list[int]):
+def reload_ranges(d: Path, ids: list[int], whole: bool):
     """(store, keys, byte ranges) of what a reload of ids reads: the records holding its blocks
-    and the resume record after the last one, adjacent records merged into one range."""
+    and the resume record after the last one, adjacent records merged into one range. whole:
+    the engine takes every block of a block-aligned prompt (it copies the last one), else
+    the blocks short of the prompt's last token."""
     store = SegmentStore(d, 1 << 62, read_only=True)
     first = next(iter(store.index.values()))
     block = store.layout(first.layout)["block_size"]
-    chain = hash_chain(first.fingerprint, ids[:-1], block)
+    chain = hash_chain(first.fingerprint, ids if whole else ids[:-1], block)
     keys = [k for k in chain if k in store.index]
     keys += [k for k in (block_hash(h, ()) for h in reversed(keys)) if k in store.index][:1]
     records = {(store.index[k].segment, store.index[k].offset): store.index[k].length for k in keys}
@@ -148,12 +150,13 @@ def reloads(path, d: Path, ids: list[int], repeat: int, **kw) -> dict:
     (its reload alone timed inside the engine: `reload_seconds`, the read, checks and copies
     into the pools), a mapped read of the same records (as the read-ahead thread reads) and a
     raw read of the same byte ranges, the page cache dropped before each."""
-    store, keys, ranges = reload_ranges(d, ids)
     files = sorted(d.glob("seg-*.log"))
-    fp = store.index[keys[0]].fingerprint
     ttfts, engine, mapped, raw, whole, hits, rates = [], [], [], [], [], None, []
-    for _ in range(repeat):
+    for i in range(repeat):
         t, stats = reload_ttft(path, d, ids, **kw)
+        if i == 0:
+            store, keys, ranges = reload_ranges(d, ids, stats["whole_prompt"])
+            fp = store.index[keys[0]].fingerprint
         ttfts.append(t)
         engine.append(stats["reload_seconds"])
         rates.append(stats["learned_disk_rate"])

@@ -109,3 +109,52 @@ def test_lookup_needs_the_hash_and_the_same_token_ids():
     assert pool.lookup(h, ids, 16) == b
     assert pool.lookup(h, ids, 15) is None                       # same hash, other token ids: a collision
     assert pool.lookup(block_hash(b"root", ids[:16]), ids, 0) is None      # not held
+
+
+def _greedy(ref, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, ref(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+# Families whose streams are all per-token copy the last block; a window group (Gemma 3's
+# sliding layers) needs the state at a block's end, so it computes the last block again.
+COPIES = {"llama": True, "deepseek-v3.2": True, "gemma3": False}
+
+
+@pytest.mark.parametrize("name", sorted(COPIES))
+def test_a_prompt_cached_whole_computes_only_its_last_token(name, tmp_path):
+    ref, path = MAKERS[name](tmp_path)
+    prompt = [(3 * i + 1) % 50 for i in range(32)]                   # two whole blocks
+    want = _greedy(ref, prompt, 8)
+    llm = LLM(path, dtype=torch.float64, reference="transformers")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert llm.block == 16 and llm.generate([prompt], params)[0].outputs[0].token_ids == want
+    cached = [llm.manager.bp[0].by_hash[h] for h in llm.manager._prompt_chain(prompt)]
+    before = {k: t[cached].clone() for k, t in llm.manager.pools.pages.items() if llm.manager.pools.group_of(k) == 0}
+    out = llm.generate([prompt], params)[0]
+    assert out.outputs[0].token_ids == want
+    assert out.num_cached_tokens == (31 if COPIES[name] else 16)
+    assert llm.stats()["prefix_hit_tokens"] == out.num_cached_tokens
+    for k, t in before.items():                                       # the cached blocks were only read
+        assert torch.equal(llm.manager.pools.pages[k][cached], t), k
+    assert llm.generate([prompt], params)[0].num_cached_tokens == out.num_cached_tokens   # and still hit
+
+
+def test_with_no_free_block_for_the_copy_the_last_block_is_computed_again(tmp_path):
+    ref, path = MAKERS["llama"](tmp_path)
+    prompt = [(3 * i + 1) % 50 for i in range(32)]
+    want = _greedy(ref, prompt, 1)
+    bytes3 = LLM(path, dtype=torch.float64).cache_bytes(48)
+    llm = LLM(path, dtype=torch.float64, reference="transformers", cache_bytes=bytes3)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    assert llm.manager.bp[0].num_blocks == 3
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == want
+    held = [llm.manager.bp[0].allocate() for _ in range(llm.manager.bp[0].num_free - 2)]   # as another request would
+    out = llm.generate([prompt], params)[0]
+    assert out.outputs[0].token_ids == want and out.num_cached_tokens == 16
+    for b in held:
+        llm.manager.bp[0].release(b)
+    assert llm.stats()["blocks_in_use"] == 0

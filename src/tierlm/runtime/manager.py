@@ -32,6 +32,9 @@ class CacheManager:
         self.block = pools.block
         self.groups = pools.groups
         self.bp = {g: BlockPool(pools.blocks[g]) for g in self.groups}
+        # Per-token streams only: a prompt cached to its last token resumes at that token (its
+        # last block copied), as no state at a block's end is needed to go on from inside it.
+        self.copy_last = self.groups == [0] and not self.drop
         self.hit_tokens = 0
 
     # ------------------------------------------------------------------ sizing
@@ -148,14 +151,21 @@ class CacheManager:
         if all(b >= 0 for ids in spans.values() for b in ids):
             self.store.save_resume(seq.hashes[i], spans)
 
+    def _prompt_chain(self, toks: Seq[int]) -> list[bytes]:
+        """Hashes of the blocks a prompt may hit: its whole blocks short of its last token, or
+        all of them when the last block can be copied (`copy_last`)."""
+        whole = self.copy_last and len(toks) % self.block == 0
+        return hash_chain(self.root, toks if whole else toks[:len(toks) - 1], self.block)
+
     def match(self, seq: Sequence) -> int:
         """Take the longest cached prefix of seq (whole blocks, never its last token), from the
         device pools or, when the store's policy says reloading beats recomputing, from the
-        host / disk tiers; returns tokens hit."""
+        host / disk tiers; returns tokens hit. A prompt cached whole keeps all but its last
+        token, whose block is copied so that computing it again writes to a private block."""
         if not self.prefix_caching or seq.num_computed:
             return 0
         toks, b = seq.token_ids, self.block
-        chain = hash_chain(self.root, toks[:len(toks) - 1], b)
+        chain = self._prompt_chain(toks)
 
         def hit(g: int, i: int) -> int | None:
             return self.bp[g].lookup(chain[i], toks, i * b)
@@ -185,13 +195,33 @@ class CacheManager:
                 return 0
             self._take(seq, n, hit)
             tiers = {}
-        for i in range(n):
-            tier = tiers.get(i, "device")
-            self.hit_by_tier[tier] = self.hit_by_tier.get(tier, 0) + b
         seq.hashes = chain[:n]
         seq.num_computed = n * b
+        if seq.num_computed == len(toks):
+            self._copy_last(seq, n)
+        for i in range(len(seq.hashes)):
+            tier = tiers.get(i, "device")
+            self.hit_by_tier[tier] = self.hit_by_tier.get(tier, 0) + min(b, seq.num_computed - i * b)
         self.hit_tokens += seq.num_computed
         return seq.num_computed
+
+    def _copy_last(self, seq: Sequence, n: int) -> None:
+        """seq hit all n blocks of its prompt: give it a copy of the last block and leave the
+        last token to compute (its logits are needed). The cached block stays as it was for
+        others; with no free block for the copy, the last block is computed again instead."""
+        table, old = seq.tables[0], seq.tables[0][n - 1]
+        seq.num_computed -= 1
+        if self.bp[0].num_free == 0:
+            self.bp[0].release(old)
+            del table[n - 1:]
+            seq.hashes.pop()
+            seq.num_computed = (n - 1) * self.block
+            return
+        new = self.bp[0].allocate()
+        for t in self.pools.pages.values():          # all group 0: copy_last has no other group
+            t[new].copy_(t[old])
+        self.bp[0].release(old)
+        table[n - 1] = new
 
     def prefetch(self, token_ids: list[int]) -> None:
         """Have the store read ahead the lower-tier part of a queued prompt's prefix (what the
@@ -199,7 +229,7 @@ class CacheManager:
         if self.store is None or not self.prefix_caching:
             return
         b = self.block
-        chain = hash_chain(self.root, token_ids[:len(token_ids) - 1], b)
+        chain = self._prompt_chain(token_ids)
         on_device = 0
         if 0 in self.groups:
             on_device = next((i for i in range(len(chain))
