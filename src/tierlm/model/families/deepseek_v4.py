@@ -446,12 +446,14 @@ def hc_weights(x, fn, scale, base, n, iters, hc_eps, eps, mode: Mode):
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Normalise columns, then iters - 1 times rows and columns, of comb [..., n, n].
 
-    Why numpy on CPU: the ~40 normalisations of a few n x n matrices are each three tiny ops,
-    ~5 us apiece through torch's dispatcher and ~2 us in numpy (a V4 decode step runs two
-    per layer: 0.8 vs 0.35 ms each, measured here). The same IEEE operations in the same
-    order, so the result is bit-identical (tests/test_model_deepseek_v4.py). Autograd and
+    Why numpy on CPU for a few rows (a decode step): the ~40 normalisations of a few n x n
+    matrices are each three tiny ops, ~5 us apiece through torch's dispatcher and ~2 us in
+    numpy (two per layer per step: 0.8 vs 0.35 ms each, measured here); from ~256 rows (a
+    prefill chunk) torch is the faster one. The same IEEE operations in the same order, so
+    the result is bit-identical either way (tests/test_model_deepseek_v4.py). Autograd and
     other devices keep torch."""
-    cpu = comb.device.type == "cpu" and comb.dtype in (torch.float32, torch.float64) and not comb.requires_grad
+    cpu = (comb.device.type == "cpu" and comb.dtype in (torch.float32, torch.float64) and not comb.requires_grad
+           and comb[..., 0, 0].numel() <= 128)
     a = comb.numpy() if cpu else comb
     a = a / (a.sum(axis=-2, keepdims=True) + eps)
     for _ in range(iters - 1):
