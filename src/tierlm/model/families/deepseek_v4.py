@@ -345,19 +345,22 @@ def sink_attention(q, kv, bias, sink, scale, own=None, own_bias=None):
     """q [B, T, H, D]; kv [B, S, D] keys (K = V) shared by all queries, bias [B, T, S] additive
     mask; own [B, T, K, D] keys of each query alone (CSA's selected entries), own_bias [B, T, K].
     The sink logit of each head joins the softmax denominator only."""
-    h, s = q.shape[2], kv.shape[1]
-    qh = q.transpose(1, 2)                                                               # [B, H, T, D]
-    logits = torch.matmul(qh, kv.transpose(1, 2).unsqueeze(1)) * scale + bias.unsqueeze(1)
+    b, t, h, d = q.shape
+    s = kv.shape[1]
+    # The keys are shared by every head: fold the heads into the query rows, one [T*H, S]
+    # product per sequence (a matmul broadcasting kv over the heads copies it once per head).
+    logits = torch.bmm(q.reshape(b, t * h, d), kv.transpose(1, 2)).view(b, t, h, s).transpose(1, 2)
+    logits = logits * scale + bias.unsqueeze(1)                                          # [B, H, T, S]
     if own is not None:
-        mine = torch.einsum("bhtd,btkd->bhtk", qh, own) * scale + own_bias.unsqueeze(1)
+        mine = torch.einsum("bthd,btkd->bhtk", q, own) * scale + own_bias.unsqueeze(1)
         logits = torch.cat([logits, mine], dim=-1)                                      # [B, H, T, S + K]
     # softmax over [logits, sink] without materialising the extra column
     lse = torch.logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), sink.to(logits.dtype).view(1, h, 1, 1))
-    probs = torch.exp(logits - lse)
-    out = torch.matmul(probs[..., :s], kv.unsqueeze(1))
+    probs = torch.exp(logits - lse).transpose(1, 2)                                      # [B, T, H, S + K]
+    out = torch.bmm(probs[..., :s].reshape(b, t * h, s), kv).view(b, t, h, -1)
     if own is not None:
-        out = out + torch.einsum("bhtk,btkd->bhtd", probs[..., s:], own)
-    return out.transpose(1, 2)                                                           # [B, T, H, D]
+        out = out + torch.einsum("bthk,btkd->bthd", probs[..., s:], own)
+    return out                                                                           # [B, T, H, D]
 
 
 # ----------------------------------------------------------------------------- MoE
