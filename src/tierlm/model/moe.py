@@ -21,7 +21,16 @@ def dispatch(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     output and `weights`, then cast to x's dtype: callers that want the weight rounded to the
     model dtype first pass weights.to(x.dtype)."""
     out = torch.zeros_like(x)
-    for e in idx.unique().tolist():
-        rows, slot = torch.where(idx == e)
+    k = idx.shape[1]
+    # One stable sort groups the (row, slot) pairs by expert, rows ascending within each, as
+    # torch.where(idx == e) per expert would list them, without a pass over idx per expert.
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    experts, counts = flat[order].unique_consecutive(return_counts=True)
+    rows_of, slots_of = order // k, order % k
+    start = 0
+    for e, n in zip(experts.tolist(), counts.tolist()):
+        rows, slot = rows_of[start:start + n], slots_of[start:start + n]
+        start += n
         out.index_add_(0, rows, (expert(e, x[rows]) * weights[rows, slot, None]).to(x.dtype))
     return out
