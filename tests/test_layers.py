@@ -1,4 +1,4 @@
-"""`model.layers.linear`: the engine's CPU linear (oneDNN or MKL) against a float64 product."""
+"""`model.layers.linear`: the engine's CPU linear (oneDNN) against a float64 product."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from tierlm.model import layers
 @pytest.mark.parametrize("rows", [(), (1,), (5,), (2, 3), (4, 8)])
 @pytest.mark.parametrize("out,inp", [(11, 7), (512, 384)], ids=["small", "onednn"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("float32_onednn", [False, True])
-def test_linear_matches_a_float64_product(dtype, tol, rows, out, inp, bias, float32_onednn, monkeypatch):
-    monkeypatch.setattr(layers, "FLOAT32_ONEDNN", float32_onednn and layers.ONEDNN)
+def test_linear_matches_a_float64_product(dtype, tol, rows, out, inp, bias):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*rows, inp, generator=g)
     w = torch.randn(out, inp, generator=g)
@@ -33,27 +31,13 @@ def test_linear_uses_onednn_for_large_products_when_torch_has_it(monkeypatch):
         assert layers.ONEDNN
     calls = []
     real = layers._onednn
-    monkeypatch.setattr(layers, "_onednn", lambda *a: calls.append((tuple(a[1].shape), a[0].dtype)) or real(*a))
-    monkeypatch.setattr(layers, "FLOAT32_ONEDNN", False)                 # float32 on MKL (Intel)
-    layers.linear(torch.randn(1, 768), torch.randn(256, 768))
-    layers.linear(torch.randn(1, 768).bfloat16(), torch.randn(256, 768).bfloat16())
-    monkeypatch.setattr(layers, "FLOAT32_ONEDNN", layers.ONEDNN)         # float32 on oneDNN (elsewhere)
+    monkeypatch.setattr(layers, "_onednn", lambda *a: calls.append(tuple(a[1].shape)) or real(*a))
     layers.linear(torch.randn(1, 768), torch.randn(256, 768))
     layers.linear(torch.randn(16, 64), torch.randn(64, 64))      # 4K elements: F.linear
-    want = [((256, 768), torch.bfloat16), ((256, 768), torch.float32)]
-    assert calls == (want if layers.ONEDNN else [])
+    assert calls == ([(256, 768)] if layers.ONEDNN else [])
 
 
-def test_float32_goes_to_mkl_only_on_intel_cpus():
-    assert layers.mkl_is_fast("GenuineIntel", mkl=True)
-    assert not layers.mkl_is_fast("GenuineIntel", mkl=False)      # a build without MKL
-    assert not layers.mkl_is_fast("AuthenticAMD", mkl=True)
-    assert not layers.mkl_is_fast("", mkl=True)                   # unknown (ARM, no /proc/cpuinfo)
-
-
-@pytest.mark.parametrize("float32_onednn", [False, True])
-def test_linear_is_independent_of_the_thread_count(float32_onednn, monkeypatch):
-    monkeypatch.setattr(layers, "FLOAT32_ONEDNN", float32_onednn and layers.ONEDNN)
+def test_linear_is_independent_of_the_thread_count():
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(16, 256, generator=g), torch.randn(512, 256, generator=g)
     threads = torch.get_num_threads()

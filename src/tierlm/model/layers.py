@@ -135,43 +135,21 @@ def _onednn_linear() -> bool:
         return False
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" when unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def mkl_is_fast(vendor: str, mkl: bool) -> bool:
-    """MKL runs its fast float32 GEMM only on Intel CPUs. Measured on a 2-core Xeon here, F.linear
-    (MKL) beat oneDNN's linear at every decode and prefill shape of the benchmarks (20 vs 58 us
-    for a 688 x 256 decode product, 0.9-1.0x at 512 rows); on AMD the reverse held (see `linear`)."""
-    return mkl and vendor == "GenuineIntel"
-
-
 ONEDNN = _onednn_linear()
 _onednn = torch.ops.mkldnn._linear_pointwise if ONEDNN else None
-FLOAT32_ONEDNN = ONEDNN and not mkl_is_fast(cpu_vendor(), torch.backends.mkl.is_available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, run by oneDNN for bfloat16 inference on CPU, and for float32 where MKL is slow.
+    """F.linear, run by oneDNN for float32 / bfloat16 inference on CPU.
 
     Why: torch's CPU F.linear goes to MKL, which on the AMD CPUs measured here streams a
     matrix-vector product at ~11-15 GB/s and a 128-row product at ~40 % of oneDNN's speed;
     oneDNN's linear on the same row-major weight runs 1.5x (decode) to 2.5x (prefill) faster
-    (benchmarks/bench_llamacpp.py). On Intel CPUs MKL is the faster one for float32
-    (`mkl_is_fast`); for bfloat16 oneDNN matched or beat F.linear on both. Same weight, no
-    repacking, results independent of the thread count. Training (autograd), float64 and
-    other devices keep F.linear.
+    (benchmarks/bench_llamacpp.py). Same weight, no repacking, results independent of the
+    thread count. Training (autograd), float64 and other devices keep F.linear.
     """
-    if (ONEDNN and x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and FLOAT32_ONEDNN))
-            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and _large(weight)
+    if (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and _large(weight)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return _onednn(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
