@@ -142,23 +142,21 @@ _onednn = torch.ops.mkldnn._linear_pointwise if ONEDNN else None
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, run by oneDNN for float32 / bfloat16 inference on CPU.
 
-    Why: torch's CPU F.linear goes to MKL, which on the AMD CPUs measured here streams a
-    matrix-vector product at ~11-15 GB/s and a 128-row product at ~40 % of oneDNN's speed;
-    oneDNN's linear on the same row-major weight runs 1.5x (decode) to 2.5x (prefill) faster
-    (benchmarks/bench_llamacpp.py). Same weight, no repacking, results independent of the
-    thread count. Training (autograd), float64 and other devices keep F.linear.
+    Why: torch's CPU F.linear goes to MKL, whose results change with the thread count (its
+    reductions split differently: a 256 x 256 matrix-vector product at 3+ threads, 16-row
+    products from K = 1024 at 2 threads, measured here), and which on the AMD CPUs measured
+    here streams a matrix-vector product at ~11-15 GB/s, a 128-row product at ~40 % of
+    oneDNN's speed. oneDNN's linear on the same row-major weight gives the same bits at
+    1-8 threads, runs 1.5x (decode) to 2.5x (prefill) faster there
+    (benchmarks/bench_llamacpp.py) and 1.1-2.5x slower than MKL on the Intel VM measured
+    later. Same weight, no repacking. Training (autograd), float64 and other devices keep
+    F.linear.
     """
     if (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype) and _large(weight)
+            and (bias is None or bias.dtype == x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return _onednn(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
-
-
-def _large(weight: torch.Tensor) -> bool:
-    """oneDNN costs ~30 us a call whatever the size, F.linear ~10 us for a small matrix; from
-    about 128K elements (a 256 x 512 weight) oneDNN is as fast or faster (measured here)."""
-    return weight.numel() >= 1 << 17
 
 
 class Linear(nn.Linear):
