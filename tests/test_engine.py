@@ -84,3 +84,29 @@ def test_small_chunks_and_preemption(family):
                 max_num_seqs=4, cache_bytes=int(1.5 * probe.bytes_per_sequence))
     assert tokens(tight.generate(PROMPTS, GREEDY)) == [want[tuple(p)] for p in PROMPTS]
     assert tight.stats()["num_preemptions"] > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3-moe", "gemma3", "deepseek-v4"])
+def test_float32_logits_do_not_depend_on_the_thread_count(name, tmp_path):
+    """The engine's CPU float32 path (oneDNN linears, exp-based activations) gives the same
+    bits at 1-4 threads, for a prefill and for a decode step after it. DeepSeek V3 / V3.2
+    and MiniMax routers keep torch's float32 sigmoid, as the references score (not covered)."""
+    import tierlm.model as tm
+    from tierlm.model import Cache
+    from tierlm.model.layers import use_fast_linears
+    _, path = MAKERS[name](tmp_path)
+    model = tm.load(path, dtype=torch.float32, progress=False).eval()
+    use_fast_linears(model)
+    ids = torch.tensor([PROMPTS[3], PROMPTS[1] + PROMPTS[1][:19]])          # [2, 40]
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                cache = Cache()
+                prefill = model(ids[:, :39], cache)
+                runs.append((prefill, model(ids[:, 39:], cache)))
+    finally:
+        torch.set_num_threads(threads)
+    for prefill, step in runs[1:]:
+        assert torch.equal(prefill, runs[0][0]) and torch.equal(step, runs[0][1])

@@ -106,3 +106,25 @@ def test_dispatch_runs_experts_in_id_order_over_their_rows_in_order(n, k, expert
     ref = torch.stack([sum(w[i, j].double() * (x[i].double() @ mats[idx[i, j]].double()) for j in range(k))
                        for i in range(n)])
     assert torch.allclose(dispatch(x.double(), idx, w.double(), lambda e, r: r @ mats[e].double()), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,ours,theirs", [
+    ("silu", layers.silu, F.silu), ("sigmoid", layers.sigmoid, torch.sigmoid), ("softplus", layers.softplus, F.softplus),
+    ("gelu-tanh", lambda t: layers.gelu(t, "tanh"), lambda t: F.gelu(t, approximate="tanh")),
+    ("logaddexp", lambda t: layers.logaddexp(t, t[:1] * 0.5), lambda t: torch.logaddexp(t, t[:1] * 0.5))])
+def test_activations_are_independent_of_the_thread_count(name, ours, theirs):
+    """torch's own versions of these gave other bits at 1 and 2 threads on this tensor (their
+    vectorised and scalar-tail paths round differently); ours must not, and must agree with
+    torch's in float64."""
+    x = torch.randn(117, 688, generator=torch.Generator().manual_seed(0)) * 8
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            results.append(ours(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    x64 = x.double()
+    assert torch.allclose(ours(x64), theirs(x64), rtol=1e-13, atol=1e-14)

@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import TierlmError
 from ..spec.model import EngramConfig, ModelSpec
 from ..spec.params import _next_prime
+from .layers import sigmoid, silu
 from .ops import gather, store
 
 PRIME_1 = 10007                 # layer stride of the hashing seed, as in the demo
@@ -276,7 +277,7 @@ class ShortConv(nn.Module):
             past = gather(view, torch.where(idx >= 0, idx, -1)).to(xn.dtype)     # zeros before the start
         full = torch.cat([past, xn], dim=1)
         y = F.conv1d(full.transpose(1, 2), self.conv.weight, groups=G * C, dilation=self.dilation)
-        return F.silu(y).transpose(1, 2).reshape(B, T, G, C)
+        return silu(y).transpose(1, 2).reshape(B, T, G, C)
 
 
 class Engram(nn.Module):
@@ -314,7 +315,7 @@ class Engram(nn.Module):
             query = self.norm2[i](hidden[:, :, i])
             g = (key * query).sum(-1) / math.sqrt(self.hidden_size)
             g = g.abs().clamp_min(1e-6).sqrt() * g.sign()
-            gates.append(g.sigmoid())
+            gates.append(sigmoid(g))
         value = torch.stack(gates, dim=2)[..., None] * self.value_proj(e)[:, :, None]   # [B, T, hc, D]
         out = value + self.short_conv(value, step, self.layer_id)
         return out.squeeze(2) if single else out

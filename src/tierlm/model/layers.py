@@ -99,6 +99,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# Activations written with exp / tanh / logsumexp. torch's own silu, sigmoid, softplus,
+# tanh-gelu and logaddexp give other bits at other thread counts on CPU (measured: ~3e-8 in
+# float32 on a [117, 688] tensor between 1 and 2 threads): their vectorised and scalar-tail
+# paths round differently, and the thread split moves the tail. These compose ops that do
+# not, so float32 inference does not depend on OMP_NUM_THREADS
+# (tests/test_layers.py::test_activations_are_independent_of_the_thread_count).
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + torch.exp(-x))
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + torch.exp(-x))
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x), as torch's (threshold 20: x itself above it)."""
+    return torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20))))
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+    return F.gelu(x)
+
+
+def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = torch.broadcast_tensors(a, b)
+    return torch.logsumexp(torch.stack([a, b]), dim=0)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), the dense FFN of every family here."""
 
@@ -109,7 +139,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SwiGLUW(nn.Module):
@@ -123,7 +153,7 @@ class SwiGLUW(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
 def _onednn_linear() -> bool:

@@ -37,6 +37,7 @@ from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec, RopeConfig
 from ..cache import Cache
 from ..moe import dispatch
+from ..layers import logaddexp, sigmoid, silu, softplus
 from ..ops import Step, StreamView, gather, store
 from ..quant import fake_quant, hadamard   # shared with deepseek.py (tests patch these names here)
 
@@ -194,8 +195,15 @@ class Compressor(nn.Module):
             kv = torch.cat([kv[..., :r, :d], kv[..., r:, d:]], dim=2)
             score = torch.cat([score[..., :r, :d], score[..., r:, d:]], dim=2)
             score = score.masked_fill((src < 0).unsqueeze(-1), float("-inf"))   # entry 0: no previous block
-        # the softmax runs in float32 in the references; mode.f32 keeps it at least float32
-        c = self.norm((kv * F.softmax(mode.f32(score), dim=2).to(kv.dtype)).sum(dim=2))   # [B, N, d]
+        # the softmax runs in float32 in the references; mode.f32 keeps it at least float32.
+        # Over the pooled tokens, dim 2: torch's softmax over a non-last dim gives other bits at
+        # other thread counts, so outside exact mode it runs over the last dim of a transposed copy.
+        score = mode.f32(score)
+        if mode.exact:
+            weight = F.softmax(score, dim=2)
+        else:
+            weight = F.softmax(score.transpose(2, 3).contiguous(), dim=-1).transpose(2, 3)
+        c = self.norm((kv * weight.to(kv.dtype)).sum(dim=2))                      # [B, N, d]
         c = apply_rope(c, *rope.cos_sin(j * r, c.dtype))
         store(out, j, quant(c) if quant is not None else c)
 
@@ -355,7 +363,7 @@ def sink_attention(q, kv, bias, sink, scale, own=None, own_bias=None):
         mine = torch.einsum("bthd,btkd->bhtk", q, own) * scale + own_bias.unsqueeze(1)
         logits = torch.cat([logits, mine], dim=-1)                                      # [B, H, T, S + K]
     # softmax over [logits, sink] without materialising the extra column
-    lse = torch.logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), sink.to(logits.dtype).view(1, h, 1, 1))
+    lse = logaddexp(torch.logsumexp(logits, dim=-1, keepdim=True), sink.to(logits.dtype).view(1, h, 1, 1))
     probs = torch.exp(logits - lse).transpose(1, 2)                                      # [B, T, H, S + K]
     out = torch.bmm(probs[..., :s].reshape(b, t * h, s), kv).view(b, t, h, -1)
     if own is not None:
@@ -376,7 +384,7 @@ class Expert(nn.Module):
         gate, up = self.w1(x), self.w3(x)
         if self.limit > 0:          # clamped SwiGLU
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(silu(gate) * up)
 
 
 class Gate(nn.Module):
@@ -400,9 +408,9 @@ class Gate(nn.Module):
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
         elif self.score_func == "sigmoid":
-            scores = logits.sigmoid()
+            scores = sigmoid(logits)
         else:
-            scores = F.softplus(logits).sqrt()
+            scores = softplus(logits).sqrt()
         if self.hash:
             idx = self.tid2eid[ids].long()
         else:
@@ -440,8 +448,9 @@ def hc_weights(x, fn, scale, base, n, iters, hc_eps, eps, mode: Mode):
     mix = F.linear(flat, fn.to(flat.dtype))
     pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = base.split([n, n, n * n])
-    pre = torch.sigmoid(pre_w * scale[0] + pre_b) + hc_eps
-    post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+    sig = torch.sigmoid if mode.exact else sigmoid      # exact: transformers' own float32 op
+    pre = sig(pre_w * scale[0] + pre_b) + hc_eps
+    post = 2 * sig(post_w * scale[1] + post_b)
     comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + hc_eps
     return pre, post, sinkhorn(comb, iters, hc_eps)
 
@@ -468,7 +477,7 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 def hc_collapse(x, fn, scale, base, eps, hc_eps, mode: Mode):
     """The hc head: sigmoid weights (no Sinkhorn) summing the streams into one."""
     flat = unit_rms(mode.f32(x.flatten(2)), eps)
-    pre = torch.sigmoid(F.linear(flat, fn.to(flat.dtype)) * scale.to(flat.dtype) + base.to(flat.dtype)) + hc_eps
+    pre = (torch.sigmoid if mode.exact else sigmoid)(F.linear(flat, fn.to(flat.dtype)) * scale.to(flat.dtype) + base.to(flat.dtype)) + hc_eps
     return (pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
 
 

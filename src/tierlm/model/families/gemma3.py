@@ -36,7 +36,7 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..layers import linear, rope_cos_sin, rope_inv_freq
+from ..layers import gelu, linear, rope_cos_sin, rope_inv_freq
 from ..ops import Step
 from . import gqa
 
@@ -69,7 +69,7 @@ class GeluMLP(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+        return self.down_proj(gelu(self.gate_proj(x), self.approximate) * self.up_proj(x))
 
 
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
 from ..ops import Step, gather, store
 from ..engram import Engram, EngramHashing
-from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, linear, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, linear, rope_cos_sin, rope_inv_freq, sigmoid
 from ..moe import dispatch
 
 
@@ -170,7 +170,7 @@ class _GptOssExperts(nn.Module):
         gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
         gate = gate_up[..., 0::2].clamp(max=self.limit)
         up = gate_up[..., 1::2].clamp(-self.limit, self.limit)
-        act = (up + 1) * (gate * torch.sigmoid(self.alpha * gate))
+        act = (up + 1) * (gate * sigmoid(self.alpha * gate))
         return act @ self.down_proj[e] + self.down_proj_bias[e]
 
 

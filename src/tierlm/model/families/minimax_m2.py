@@ -30,7 +30,7 @@ from torch import nn
 
 from ...errors import TierlmError
 from ...spec.model import LayerSpec, ModelSpec
-from ..layers import RMSNorm, SwiGLUW, linear, rope_cos_sin, rope_inv_freq
+from ..layers import RMSNorm, SwiGLUW, linear, rope_cos_sin, rope_inv_freq, silu
 from ..moe import dispatch
 from ..ops import Step
 from . import gqa
@@ -46,7 +46,7 @@ class FusedExperts(nn.Module):
 
     def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj[e])
+        return linear(silu(gate) * up, self.down_proj[e])
 
 
 class SparseMoE(nn.Module):
