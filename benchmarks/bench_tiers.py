@@ -119,7 +119,7 @@ def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
     learned = rate.value if rate.measured else None  # the earlier engines on the directory, or a guess
     drop_cache(sorted(d.glob("seg-*.log")))
     t = ttft(llm, ids)
-    stats = {**llm.stats(), "learned_disk_rate": learned, "whole_prompt": llm.manager.copy_last}
+    stats = {**llm.stats(), "learned_disk_rate": learned, "whole_prompt": llm.manager.resume_last}
     llm.close()
     return t, stats
 

@@ -119,12 +119,13 @@ def _greedy(ref, prompt: list[int], n: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
-# Families whose streams are all per-token copy the last block; a window group (Gemma 3's
-# sliding layers) needs the state at a block's end, so it computes the last block again.
-COPIES = {"llama": True, "deepseek-v3.2": True, "gemma3": False}
+# Families whose streams are all per-token resume at a whole cached prompt's last token; a
+# window group (Gemma 3's sliding layers) needs the state at a block's end, so it computes
+# the last block again.
+RESUMES = {"llama": True, "deepseek-v3.2": True, "gemma3": False}
 
 
-@pytest.mark.parametrize("name", sorted(COPIES))
+@pytest.mark.parametrize("name", sorted(RESUMES))
 def test_a_prompt_cached_whole_computes_only_its_last_token(name, tmp_path):
     ref, path = MAKERS[name](tmp_path)
     prompt = [(3 * i + 1) % 50 for i in range(32)]                   # two whole blocks
@@ -132,29 +133,54 @@ def test_a_prompt_cached_whole_computes_only_its_last_token(name, tmp_path):
     llm = LLM(path, dtype=torch.float64, reference="transformers")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert llm.block == 16 and llm.generate([prompt], params)[0].outputs[0].token_ids == want
-    cached = [llm.manager.bp[0].by_hash[h] for h in llm.manager._prompt_chain(prompt)]
-    before = {k: t[cached].clone() for k, t in llm.manager.pools.pages.items() if llm.manager.pools.group_of(k) == 0}
+    hit = 31 if RESUMES[name] else 16
+    for _ in range(2):          # the block written in place is named again: the next request hits it too
+        out = llm.generate([prompt], params)[0]
+        assert out.outputs[0].token_ids == want and out.num_cached_tokens == hit
+    assert llm.stats()["prefix_hit_tokens"] == 2 * hit
+
+
+def test_a_last_block_others_hold_is_copied_not_written(tmp_path):
+    ref, path = MAKERS["llama"](tmp_path)
+    prompt = [(3 * i + 1) % 50 for i in range(32)]
+    want = _greedy(ref, prompt, 8)
+    llm = LLM(path, dtype=torch.float64, reference="transformers")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == want
+    bp = llm.manager.bp[0]
+    cached = [bp.by_hash[h] for h in llm.manager._prompt_chain(prompt)]
+    for b in cached:
+        bp.take(b)                                                   # held, as a running request would
+    before = {k: t[cached].clone() for k, t in llm.manager.pools.pages.items()}
     out = llm.generate([prompt], params)[0]
-    assert out.outputs[0].token_ids == want
-    assert out.num_cached_tokens == (31 if COPIES[name] else 16)
-    assert llm.stats()["prefix_hit_tokens"] == out.num_cached_tokens
-    for k, t in before.items():                                       # the cached blocks were only read
+    assert out.outputs[0].token_ids == want and out.num_cached_tokens == 31
+    for k, t in before.items():                                       # the held blocks were only read
         assert torch.equal(llm.manager.pools.pages[k][cached], t), k
-    assert llm.generate([prompt], params)[0].num_cached_tokens == out.num_cached_tokens   # and still hit
+    assert [bp.by_hash[h] for h in llm.manager._prompt_chain(prompt)] == cached
+    for b in cached:
+        bp.release(b)
+    assert llm.stats()["blocks_in_use"] == 0
 
 
 def test_with_no_free_block_for_the_copy_the_last_block_is_computed_again(tmp_path):
-    ref, path = MAKERS["llama"](tmp_path)
+    """Shared last block, no free block to copy it into: the hit stops a block short (the
+    scheduler then waits for room, or preempts, as for any prompt)."""
+    from tierlm.runtime.sequence import Sequence
+    _, path = MAKERS["llama"](tmp_path)
     prompt = [(3 * i + 1) % 50 for i in range(32)]
-    want = _greedy(ref, prompt, 1)
-    bytes3 = LLM(path, dtype=torch.float64).cache_bytes(48)
-    llm = LLM(path, dtype=torch.float64, reference="transformers", cache_bytes=bytes3)
+    llm = LLM(path, dtype=torch.float64, cache_bytes=LLM(path, dtype=torch.float64).cache_bytes(48))
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    assert llm.manager.bp[0].num_blocks == 3
-    assert llm.generate([prompt], params)[0].outputs[0].token_ids == want
-    held = [llm.manager.bp[0].allocate() for _ in range(llm.manager.bp[0].num_free - 2)]   # as another request would
-    out = llm.generate([prompt], params)[0]
-    assert out.outputs[0].token_ids == want and out.num_cached_tokens == 16
+    bp = llm.manager.bp[0]
+    assert bp.num_blocks == 3
+    llm.generate([prompt], params)
+    cached = [bp.by_hash[h] for h in llm.manager._prompt_chain(prompt)]
+    for b in cached:
+        bp.take(b)                                     # held by another request, as is the third block
+    held = cached + [bp.allocate() for _ in range(bp.num_free)]
+    seq = Sequence("r", 0, prompt, params)
+    assert llm.manager.match(seq) == 16 and seq.tables[0] == cached[:1] and len(seq.hashes) == 1
+    assert [bp.refs[b] for b in cached] == [2, 1]      # the last block went back to its holder alone
+    llm.manager.free(seq)
     for b in held:
-        llm.manager.bp[0].release(b)
+        bp.release(b)
     assert llm.stats()["blocks_in_use"] == 0

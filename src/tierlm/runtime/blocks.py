@@ -81,6 +81,13 @@ class BlockPool:
         self.hash_of[b], self.tokens_of[b] = h, tuple(tokens)
         self.by_hash.setdefault(h, b)
 
+    def unname(self, b: int) -> None:
+        """Take block b out of the prefix index (its entries are about to be written again)."""
+        h = self.hash_of[b]
+        if h is not None and self.by_hash.get(h) == b:
+            del self.by_hash[h]
+        self.hash_of[b] = self.tokens_of[b] = None
+
     def forget(self) -> None:
         """Drop every block's name (the weights changed, so no cached block is valid)."""
         self.by_hash.clear()

@@ -32,9 +32,9 @@ class CacheManager:
         self.block = pools.block
         self.groups = pools.groups
         self.bp = {g: BlockPool(pools.blocks[g]) for g in self.groups}
-        # Per-token streams only: a prompt cached to its last token resumes at that token (its
-        # last block copied), as no state at a block's end is needed to go on from inside it.
-        self.copy_last = self.groups == [0] and not self.drop
+        # Per-token streams only: a prompt cached to its last token resumes at that token
+        # (`_resume_last`), as no state at a block's end is needed to go on from inside it.
+        self.resume_last = self.groups == [0] and not self.drop
         self.hit_tokens = 0
 
     # ------------------------------------------------------------------ sizing
@@ -153,8 +153,8 @@ class CacheManager:
 
     def _prompt_chain(self, toks: Seq[int]) -> list[bytes]:
         """Hashes of the blocks a prompt may hit: its whole blocks short of its last token, or
-        all of them when the last block can be copied (`copy_last`)."""
-        whole = self.copy_last and len(toks) % self.block == 0
+        all of them when the prompt can resume at its last token (`resume_last`)."""
+        whole = self.resume_last and len(toks) % self.block == 0
         return hash_chain(self.root, toks if whole else toks[:len(toks) - 1], self.block)
 
     def match(self, seq: Sequence) -> int:
@@ -198,19 +198,25 @@ class CacheManager:
         seq.hashes = chain[:n]
         seq.num_computed = n * b
         if seq.num_computed == len(toks):
-            self._copy_last(seq, n)
-        for i in range(len(seq.hashes)):
+            self._resume_last(seq, n)
+        for i in range(-(-seq.num_computed // b)):         # the blocks hit, the last one maybe in part
             tier = tiers.get(i, "device")
             self.hit_by_tier[tier] = self.hit_by_tier.get(tier, 0) + min(b, seq.num_computed - i * b)
         self.hit_tokens += seq.num_computed
         return seq.num_computed
 
-    def _copy_last(self, seq: Sequence, n: int) -> None:
-        """seq hit all n blocks of its prompt: give it a copy of the last block and leave the
-        last token to compute (its logits are needed). The cached block stays as it was for
-        others; with no free block for the copy, the last block is computed again instead."""
+    def _resume_last(self, seq: Sequence, n: int) -> None:
+        """seq hit all n blocks of its prompt: leave its last token to compute (its logits are
+        needed), which writes that token's entries into the last block again. A block only seq
+        holds is written in place: its name is dropped until the step has filled it again, when
+        `commit` gives it back. A block others hold too is copied first, so they only ever read
+        it; with no free block for the copy, the last block is computed again instead."""
         table, old = seq.tables[0], seq.tables[0][n - 1]
         seq.num_computed -= 1
+        if self.bp[0].refs[old] == 1:
+            self.bp[0].unname(old)
+            seq.hashes.pop()
+            return
         if self.bp[0].num_free == 0:
             self.bp[0].release(old)
             del table[n - 1:]
@@ -218,7 +224,7 @@ class CacheManager:
             seq.num_computed = (n - 1) * self.block
             return
         new = self.bp[0].allocate()
-        for t in self.pools.pages.values():          # all group 0: copy_last has no other group
+        for t in self.pools.pages.values():          # all group 0: resume_last has no other group
             t[new].copy_(t[old])
         self.bp[0].release(old)
         table[n - 1] = new
