@@ -160,8 +160,8 @@ class CacheManager:
     def match(self, seq: Sequence) -> int:
         """Take the longest cached prefix of seq (whole blocks, never its last token), from the
         device pools or, when the store's policy says reloading beats recomputing, from the
-        host / disk tiers; returns tokens hit. A prompt cached whole keeps all but its last
-        token, whose block is copied so that computing it again writes to a private block."""
+        host / disk tiers; returns tokens hit. A prompt cached whole may keep all but its last
+        token (`_resume_last`)."""
         if not self.prefix_caching or seq.num_computed:
             return 0
         toks, b = seq.token_ids, self.block

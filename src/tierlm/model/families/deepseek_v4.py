@@ -59,6 +59,10 @@ class Mode:
     def f32(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.exact else x.to(torch.promote_types(x.dtype, torch.float32))
 
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        """exact: transformers' own float32 op; else the thread-count independent one."""
+        return torch.sigmoid(x) if self.exact else sigmoid(x)
+
 
 # ----------------------------------------------------------------------------- small blocks
 class RMSNorm(nn.Module):
@@ -448,9 +452,8 @@ def hc_weights(x, fn, scale, base, n, iters, hc_eps, eps, mode: Mode):
     mix = F.linear(flat, fn.to(flat.dtype))
     pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = base.split([n, n, n * n])
-    sig = torch.sigmoid if mode.exact else sigmoid      # exact: transformers' own float32 op
-    pre = sig(pre_w * scale[0] + pre_b) + hc_eps
-    post = 2 * sig(post_w * scale[1] + post_b)
+    pre = mode.sigmoid(pre_w * scale[0] + pre_b) + hc_eps
+    post = 2 * mode.sigmoid(post_w * scale[1] + post_b)
     comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + hc_eps
     return pre, post, sinkhorn(comb, iters, hc_eps)
 
@@ -477,7 +480,7 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 def hc_collapse(x, fn, scale, base, eps, hc_eps, mode: Mode):
     """The hc head: sigmoid weights (no Sinkhorn) summing the streams into one."""
     flat = unit_rms(mode.f32(x.flatten(2)), eps)
-    pre = (torch.sigmoid if mode.exact else sigmoid)(F.linear(flat, fn.to(flat.dtype)) * scale.to(flat.dtype) + base.to(flat.dtype)) + hc_eps
+    pre = mode.sigmoid(F.linear(flat, fn.to(flat.dtype)) * scale.to(flat.dtype) + base.to(flat.dtype)) + hc_eps
     return (pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
 
 
