@@ -127,8 +127,8 @@ def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
 def reload_ranges(d: Path, ids: list[int], whole: bool):
     """(store, keys, byte ranges) of what a reload of ids reads: the records holding its blocks
     and the resume record after the last one, adjacent records merged into one range. whole:
-    the engine takes every block of a block-aligned prompt (it copies the last one), else
-    the blocks short of the prompt's last token."""
+    the engine takes every block of a block-aligned prompt (it resumes at the last token),
+    else the blocks short of the prompt's last token."""
     store = SegmentStore(d, 1 << 62, read_only=True)
     first = next(iter(store.index.values()))
     block = store.layout(first.layout)["block_size"]

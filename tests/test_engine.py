@@ -42,10 +42,10 @@ SECOND = [PROMPTS[3][:36] + [1, 2, 3], PROMPTS[1] + [4, 5]]
 GREEDY = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
 
 
-def reference_greedy(ref, prompt):
+def reference_greedy(ref, prompt, n: int = N):
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        for _ in range(N):
+        for _ in range(n):
             ids = torch.cat([ids, ref(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
     return ids[0, len(prompt):].tolist()
 

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 pytest.importorskip("transformers")
-from test_engine import MAKERS  # noqa: E402
+from test_engine import MAKERS, reference_greedy  # noqa: E402
 
 from tierlm import LLM, SamplingParams  # noqa: E402
 from tierlm.cli import app  # noqa: E402
@@ -111,14 +111,6 @@ def test_lookup_needs_the_hash_and_the_same_token_ids():
     assert pool.lookup(block_hash(b"root", ids[:16]), ids, 0) is None      # not held
 
 
-def _greedy(ref, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, ref(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
-
-
 # Families whose streams are all per-token resume at a whole cached prompt's last token; a
 # window group (Gemma 3's sliding layers) needs the state at a block's end, so it computes
 # the last block again.
@@ -129,7 +121,7 @@ RESUMES = {"llama": True, "deepseek-v3.2": True, "gemma3": False}
 def test_a_prompt_cached_whole_computes_only_its_last_token(name, tmp_path):
     ref, path = MAKERS[name](tmp_path)
     prompt = [(3 * i + 1) % 50 for i in range(32)]                   # two whole blocks
-    want = _greedy(ref, prompt, 8)
+    want = reference_greedy(ref, prompt, 8)
     llm = LLM(path, dtype=torch.float64, reference="transformers")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert llm.block == 16 and llm.generate([prompt], params)[0].outputs[0].token_ids == want
@@ -143,7 +135,7 @@ def test_a_prompt_cached_whole_computes_only_its_last_token(name, tmp_path):
 def test_a_last_block_others_hold_is_copied_not_written(tmp_path):
     ref, path = MAKERS["llama"](tmp_path)
     prompt = [(3 * i + 1) % 50 for i in range(32)]
-    want = _greedy(ref, prompt, 8)
+    want = reference_greedy(ref, prompt, 8)
     llm = LLM(path, dtype=torch.float64, reference="transformers")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == want
