@@ -8,7 +8,12 @@
    blocks of the demo model's block size, in values of one chunk (`TierStore.CHUNK_BLOCKS`
    chained blocks) as the engine writes them, vs `redis-benchmark -t set,get` with the same
    value size on the same server, pipelined (-P 16, 4 clients) and with its defaults (50
-   clients, no pipelining). Median of --repeat, alternating.
+   clients, no pipelining), each over as many distinct keys as the tier writes values
+   (-r <values>; without -r, redis-benchmark SETs and GETs one key over and over, which stays in
+   the server's CPU caches, where the tier writes and reads thousands of distinct values), and
+   once with its single key, for reference. redis-py alone (the same values SET and read in the
+   tier's batches, nothing built, checked or accounted while timed) splits the gap between the
+   client library and the tier's own work. Median of --repeat, alternating.
 
 The server is a redis-server started by this script on loopback (no persistence), or --url.
 
@@ -135,7 +140,7 @@ def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
     chunk = TierStore.CHUNK_BLOCKS
     runs = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     value = 0
-    ours_set, ours_get, bench_p, bench_d, client_set, client_get = [], [], [], [], [], []
+    ours_set, ours_get, bench_p, bench_d, bench_1, client_set, client_get = [], [], [], [], [], [], []
     for _ in range(repeat):
         redis.Redis.from_url(url).flushdb()
         start = time.perf_counter()
@@ -147,11 +152,14 @@ def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
         ours_get.append(blocks / (time.perf_counter() - start))
         assert all(g is not None and len(g) == chunk for g in got)
         value = len(redis.Redis.from_url(url).get(tier.key(keys[0])))
-        n = max(1000, len(runs))
-        client_set.append(blocks / _timed(lambda: _plain_sets(tier.client, keys, values(tier, runs))))
-        client_get.append(blocks / _timed(lambda: _plain_mgets(tier.client, [tier.key(k) for k in keys])))
-        bench_p.append({op: v * chunk for op, v in redis_benchmark(url, value, n, ["-P", "16", "-c", "4"]).items()})
-        bench_d.append({op: v * chunk for op, v in redis_benchmark(url, value, n, []).items()})
+        n, vals, names = max(1000, len(runs)), values(tier, runs), [tier.key(k) for k in keys]
+        client_set.append(blocks / _timed(lambda: _plain_sets(tier.client, keys, vals)))
+        client_get.append(blocks / _timed(lambda: _plain_mgets(tier.client, names)))
+        del vals
+        keyspace = ["-r", str(len(runs))]
+        bench_p.append({op: v * chunk for op, v in redis_benchmark(url, value, n, ["-P", "16", "-c", "4", *keyspace]).items()})
+        bench_d.append({op: v * chunk for op, v in redis_benchmark(url, value, n, keyspace).items()})
+        bench_1.append({op: v * chunk for op, v in redis_benchmark(url, value, n, ["-P", "16", "-c", "4"]).items()})
     tier.close()
 
     def med(rows, op):
@@ -161,7 +169,8 @@ def throughput(url: str, payload: int, blocks: int, repeat: int) -> dict:
             "get_per_s": statistics.median(ours_get), "client_set_per_s": statistics.median(client_set),
             "client_get_per_s": statistics.median(client_get), "bench_pipelined_set": med(bench_p, "set"),
             "bench_pipelined_get": med(bench_p, "get"), "bench_default_set": med(bench_d, "set"),
-            "bench_default_get": med(bench_d, "get")}
+            "bench_default_get": med(bench_d, "get"), "bench_one_key_set": med(bench_1, "set"),
+            "bench_one_key_get": med(bench_1, "get")}
 
 
 def main() -> None:
@@ -194,14 +203,16 @@ def main() -> None:
                   f"({r['remote_hit_tokens']:,} tokens from Redis): {r['ttft_ratio']:.1f}x")
         t = results["throughput"] = throughput(url, payload or args.payload, args.blocks, args.repeat)
         print(f"throughput, {t['blocks']:,} blocks of the demo model in values of {t['blocks_per_value']} blocks "
-              f"({t['value_bytes']:,} B); redis-benchmark values/s x {t['blocks_per_value']}:")
+              f"({t['value_bytes']:,} B); redis-benchmark values/s x {t['blocks_per_value']}, over "
+              f"{-(-t['blocks'] // t['blocks_per_value']):,} keys (-r) as the tier's values:")
         for op in ("set", "get"):
             ours, plain = t[f"{op}_per_s"], t[f"client_{op}_per_s"]
             print(f"  {op.upper()}: tierlm {ours:,.0f} blocks/s vs redis-benchmark pipelined "
                   f"{t[f'bench_pipelined_{op}']:,.0f}/s ({ours / t[f'bench_pipelined_{op}']:.2f}), default "
                   f"{t[f'bench_default_{op}']:,.0f}/s ({ours / t[f'bench_default_{op}']:.2f}); redis-py alone, "
                   f"same values and batches, nothing checked: {plain:,.0f}/s "
-                  f"({plain / t[f'bench_pipelined_{op}']:.2f} of redis-benchmark pipelined)")
+                  f"({plain / t[f'bench_pipelined_{op}']:.2f} of redis-benchmark pipelined); redis-benchmark "
+                  f"pipelined on its one key: {t[f'bench_one_key_{op}']:,.0f}/s")
     finally:
         if proc is not None:
             proc.kill()

@@ -407,3 +407,14 @@ def test_reads_pause_garbage_collection_and_restore_it():
         assert not gc.isenabled()                           # a caller's own choice is kept
     finally:
         gc.enable()
+
+
+def test_large_values_go_to_the_socket_uncopied():
+    """The tier's client packs a SET's value as the very object it was given (hiredis'
+    packer, redis-py's default when hiredis is installed, copies it into a new buffer)."""
+    client = remote.connect("redis://127.0.0.1:1/0")          # packing needs no server
+    value = bytes(range(256)) * 256
+    conn = client.connection_pool.make_connection()
+    packed = conn.pack_command("SET", b"k", value)
+    assert any(piece is value for piece in packed)
+    assert b"".join(packed) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$65536\r\n" + value + b"\r\n"

@@ -121,6 +121,7 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
     # restarted), none after a timeout, which would stall the engine step that asked again
     kw = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
           "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
+    kw.update(_packer())
     if urlsplit(url).password is None:
         password = os.environ.get("TIERLM_REDIS_PASSWORD") or os.environ.get("REDISCLI_AUTH")
         if password:
@@ -131,6 +132,21 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **kw))
     except (ValueError, TypeError) as e:
         raise TierlmError(f"bad remote tier URL {redact(url)}: {e}") from None
+
+
+def _packer() -> dict:
+    """redis-py's own Python command packer, which hands a large value to the socket as it
+    is. With hiredis installed redis-py packs every command with hiredis, which copies each
+    value into a new buffer: about 110 us of a 56 KB SET here, more than the server takes to
+    store it (the tier's writes ran 1.5-2x faster without it). Replies are still parsed by
+    hiredis."""
+    from redis.connection import Encoder
+    try:
+        from redis.connection import PythonRespSerializer
+    except ImportError:                         # a redis-py without it packs its own way
+        return {}
+    cutoff = 6000                                # redis-py's own buffer cutoff for large values
+    return {"command_packer": PythonRespSerializer(cutoff, Encoder("utf-8", "strict", False).encode)}
 
 
 def decode(value, key: bytes, fingerprint: bytes, layout: bytes | None) -> list[tuple] | None:
