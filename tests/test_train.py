@@ -156,6 +156,25 @@ def test_grpo_loss_by_hand():
     assert got.item() == pytest.approx(want, abs=1e-12)
 
 
+def test_grouped_logprobs_equal_the_padded_batch(trained):
+    """Each prompt's group is scored at its own width: the same log-probs as the whole batch
+    padded to its longest row, at every completion token."""
+    from types import SimpleNamespace as NS
+    from tierlm.train.grpo import _batch, _logprobs, token_logprobs
+    _, _, model, _ = trained
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()   # noqa: E731
+    outs = [NS(prompt_token_ids=ids(p), outputs=[NS(token_ids=ids(c)) for c in cs])
+            for p, cs in ((40, (5, 0, 9)), (7, (3, 12, 1)), (90, (2, 6, 4)))]
+    batch, mask, groups = _batch(outs)
+    assert groups == [(0, 3, 49), (3, 6, 19), (6, 9, 96)] and batch.shape == (9, 96)
+    with torch.no_grad():
+        got, want = _logprobs(model, batch, groups), token_logprobs(model, batch)
+    assert got.shape == want.shape == mask.shape
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
+    assert (got[3:6, 18:] == 0).all()                           # past the short group's width
+
+
 def test_grpo_raises_held_out_reward(trained):
     path, _, _, train_texts = trained
     prompts = assignment_prompts(train_texts, limit=32)

@@ -154,8 +154,9 @@ def mean_reward(llm, prompts: list[str], cfg: GRPOConfig, samples: int = 8, seed
     return sum(rewards) / len(rewards)
 
 
-def _batch(outs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, S] right-padded with 0, mask [N, S - 1] over completion-token predictions)."""
+def _batch(outs) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """(ids [N, S] right-padded with 0, mask [N, S - 1] over completion-token predictions,
+    (first row, end row, width) of each prompt's group of completions)."""
     rows = [(o.prompt_token_ids, c.token_ids) for o in outs for c in o.outputs]
     width = max(len(p) + len(c) for p, c in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -163,7 +164,22 @@ def _batch(outs) -> tuple[torch.Tensor, torch.Tensor]:
     for r, (p, c) in enumerate(rows):
         ids[r, :len(p) + len(c)] = torch.tensor(p + c)
         mask[r, len(p) - 1:len(p) + len(c) - 1] = 1.0
-    return ids, mask
+    groups, at = [], 0
+    for o in outs:
+        n = len(o.outputs)
+        w = max(len(o.prompt_token_ids) + len(c.token_ids) for c in o.outputs)
+        groups.append((at, at + n, min(width, max(w, 2))))
+        at += n
+    return ids, mask, groups
+
+
+def _logprobs(model, ids: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+    """token_logprobs of each prompt's group at its own width, right-padded with 0 to
+    [N, S - 1]. A group's completions share their prompt, and prompts differ in length: padding
+    every row to the longest prompt computed up to several times the tokens needed."""
+    full = ids.shape[1] - 1
+    parts = [token_logprobs(model, ids[a:b, :w]) for a, b, w in groups]
+    return torch.cat([torch.nn.functional.pad(p, (0, full - p.shape[1])) for p in parts])
 
 
 def train_grpo(llm, prompts: list[str], steps: int, cfg: GRPOConfig | None = None, seed: int = 0,
@@ -186,13 +202,13 @@ def train_grpo(llm, prompts: list[str], steps: int, cfg: GRPOConfig | None = Non
         rewards = torch.tensor([[python_reward(o.prompt, c.text) for c in o.outputs] for o in outs],
                                dtype=torch.float64)
         adv = group_advantages(rewards).flatten().float()
-        ids, mask = _batch(outs)
+        ids, mask, groups = _batch(outs)
         if adv.abs().sum() > 0:
             with torch.no_grad():
-                ref_lp = token_logprobs(ref, ids)
+                ref_lp = _logprobs(ref, ids, groups)
             old = None
             for _ in range(cfg.inner_steps):
-                logp = token_logprobs(model, ids)
+                logp = _logprobs(model, ids, groups)
                 if old is None:         # pi_old is the policy that sampled: the first update's own
                     old = logp.detach()  # log-probs, so its ratio is exactly 1 (no extra forward)
                 loss = grpo_loss(logp, old, ref_lp, adv, mask, cfg.clip, cfg.beta)
