@@ -173,6 +173,11 @@ class Step:
         window when there is one. One mask per step for all layers alike."""
         return self._memo(("visible", window), self._visible, window)
 
+    def sees_all(self, window: int = 0) -> bool:
+        """Whether every query sees every key of key_index(window): a decode step whose
+        sequences are all as long as each other, whose attention then needs no mask."""
+        return self._memo(("all", window), lambda w: bool(self.visible(w).all()), window)
+
     def _visible(self, window: int) -> torch.Tensor:
         kp, qp = self.key_index(window)[:, None, :], self.positions[:, :, None]
         mask = (kp >= 0) & (kp <= qp)

@@ -31,16 +31,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k, v [B, KV, S, D] (query head h reads KV head h // (H / KV))
-    under mask [B, 1, T, S]. A decode step (T = 1) folds the H / KV query heads of each KV head
-    into its query rows, [B, KV, H / KV, D]: the same dot products, but each K/V head is read
-    once instead of through enable_gqa's expansion (1.5-1.8x faster per layer at 4k context
-    and at batch 16 here; prefill chunks gain nothing, so they keep enable_gqa)."""
+    under mask [B, 1, T, S] (None: every query sees every key; SDPA's masked path took ~1.4x
+    as long at 4k context here). A decode step (T = 1) folds the H / KV query heads of each KV
+    head into its query rows, [B, KV, H / KV, D]: the same dot products, but each K/V head is
+    read once instead of through enable_gqa's expansion (1.5-1.8x faster per layer at 4k
+    context and at batch 16 here; prefill chunks gain nothing, so they keep enable_gqa)."""
     B, H, T, D = q.shape
     kv = k.shape[1]
     if T == 1 and H > kv:
-        mask = mask.expand(B, 1, H // kv, mask.shape[-1])
+        if mask is not None:
+            mask = mask.expand(B, 1, H // kv, mask.shape[-1])
         out = F.scaled_dot_product_attention(q.reshape(B, kv, H // kv, D), k, v, attn_mask=mask, scale=scale)
         return out.reshape(B, H, 1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H > kv)
@@ -93,7 +96,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T or S, D]
         rep = self.heads // self.kv_heads
         if self.sinks is None:
-            out = _attend(q, k, v, visible[:, None], self.head_dim ** -0.5)      # [B, H, T, Dv]
+            mask = None if step.sees_all(self.window or 0) else visible[:, None]
+            out = _attend(q, k, v, mask, self.head_dim ** -0.5)                  # [B, H, T, Dv]
         else:
             # gpt-oss: a learned logit per head joins each softmax denominator (attends to nothing)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
