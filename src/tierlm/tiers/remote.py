@@ -140,9 +140,8 @@ def _packer() -> dict:
     value into a new buffer: about 110 us of a 56 KB SET here, more than the server takes to
     store it (the tier's writes ran 1.5-2x faster without it). Replies are still parsed by
     hiredis."""
-    from redis.connection import Encoder
     try:
-        from redis.connection import PythonRespSerializer
+        from redis.connection import Encoder, PythonRespSerializer
     except ImportError:                         # a redis-py without it packs its own way
         return {}
     cutoff = 6000                                # redis-py's own buffer cutoff for large values
