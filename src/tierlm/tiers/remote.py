@@ -137,9 +137,8 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S):
 def _packer() -> dict:
     """redis-py's own Python command packer, which hands a large value to the socket as it
     is. With hiredis installed redis-py packs every command with hiredis, which copies each
-    value into a new buffer: about 110 us of a 56 KB SET here, more than the server takes to
-    store it (the tier's writes ran 1.5-2x faster without it). Replies are still parsed by
-    hiredis."""
+    value into a new buffer: about 110 us of a 56 KB SET here (the tier's writes ran ~1.5x
+    faster without it). Replies are still parsed by hiredis."""
     try:
         from redis.connection import Encoder, PythonRespSerializer
     except ImportError:                         # a redis-py without it packs its own way
