@@ -44,10 +44,7 @@ class BlockPool:
 
     def allocate(self) -> int:
         b, _ = self.free.popitem(last=False)
-        old = self.hash_of[b]
-        if old is not None and self.by_hash.get(old) == b:
-            del self.by_hash[old]
-        self.hash_of[b] = self.tokens_of[b] = None
+        self.unname(b)
         self.refs[b] = 1
         return b
 
