@@ -6,7 +6,11 @@ decode steps (bench.decode), transformers the whole `generate` minus a prefill-o
 `generate` of one token, so both count decode time only. Prefill: tokens/s of one prompt.
 Prints each figure and the ratio tierlm / transformers (> 1: tierlm faster).
 
-    python benchmarks/bench_engine.py [--models llama,v4] [--batches 1,16] [--context 64] [--tokens 64]
+    python benchmarks/bench_engine.py [--models llama,v4] [--batches 1,16] [--context 64] [--tokens 64] [--ops]
+
+--ops also counts the ATen operators each side dispatches per decode step (a TorchDispatchMode
+around a few steps): on models this small a step costs calls, not arithmetic, so the ratio
+of these counts bounds what eager execution can gain.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 import torch
 import transformers as T
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import tierlm
 from tierlm import LLM
 from tierlm.runtime import bench
 
@@ -64,6 +70,38 @@ def hf_decode(model, batch: int, context: int, tokens: int) -> float:
     return batch * (tokens - 1) / (run(tokens) - run(1))
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it (views included: each is a call too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(llm: LLM, model, batch: int, context: int, steps: int = 4) -> tuple[float, float]:
+    """ATen operators per decode step: (tierlm, transformers generate), same prompts' shape."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    params = tierlm.SamplingParams(temperature=0, max_tokens=2 * steps + 4, ignore_eos=True)
+    for row in ids.tolist():
+        llm.add_request(row, params)
+    for _ in range(steps):                               # prefill and the first decode steps
+        llm.step()
+    with CountOps() as ours:
+        for _ in range(steps):
+            llm.step()
+    counts = []
+    for n in (2, 2 + steps):
+        with torch.no_grad(), CountOps() as theirs:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        counts.append(theirs.n)
+    return ours.n / steps, (counts[1] - counts[0]) / steps
+
+
 def hf_prefill(model, context: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -81,6 +119,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ops", action="store_true", help="also count ATen operators per decode step")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,6 +133,10 @@ def main() -> None:
                 ours = bench.decode(llm, b, args.context, args.tokens)["tokens_per_s"]
                 theirs = hf_decode(hf, b, args.context, args.tokens)
                 rows.append(dict(model=name, mode="decode", batch=b, tierlm=ours, transformers=theirs))
+                if args.ops:
+                    llm = LLM(path, dtype=torch.float32, max_num_seqs=b, max_model_len=args.context + 64)
+                    ours, theirs = ops_per_step(llm, hf, b, args.context)
+                    rows.append(dict(model=name, mode="ops/step", batch=b, tierlm=ours, transformers=theirs))
             llm = LLM(path, dtype=torch.float32, max_num_seqs=1, max_num_batched_tokens=args.prefill)
             ours = bench.prefill(llm, 1, args.prefill)["tokens_per_s"]
             rows.append(dict(model=name, mode="prefill", batch=1, tierlm=ours, transformers=hf_prefill(hf, args.prefill)))
@@ -102,8 +145,9 @@ def main() -> None:
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"{r['model']:6s} {r['mode']:8s} batch {r['batch']:3d}: tierlm {r['tierlm']:9.1f} tok/s  "
-                  f"transformers {r['transformers']:9.1f} tok/s  ratio {r['ratio']:.2f}x")
+            unit = "ops " if r["mode"] == "ops/step" else "tok/s"
+            print(f"{r['model']:6s} {r['mode']:8s} batch {r['batch']:3d}: tierlm {r['tierlm']:9.1f} {unit}  "
+                  f"transformers {r['transformers']:9.1f} {unit}  ratio {r['ratio']:.2f}x")
 
 
 if __name__ == "__main__":

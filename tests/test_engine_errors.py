@@ -78,6 +78,14 @@ def test_sampling_is_seeded_and_filters(llm):
     assert nucleus.outputs[0].token_ids == greedy               # the smallest nucleus is the argmax
     many = llm.generate([p], SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=6, ignore_eos=True))[0]
     assert [o.index for o in many.outputs] == [0, 1, 2] and len({tuple(o.token_ids) for o in many.outputs}) > 1
+    # greedy rows are sampled together, seeded rows one by one: a batch mixing them, in either
+    # order, gives each request what it gets alone
+    mixed = [SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    for params in (mixed, mixed[::-1]):
+        outs = llm.generate([p, p], params)
+        want = [a.outputs[0].token_ids if q.seed == 7 else greedy for q in params]
+        assert [o.outputs[0].token_ids for o in outs] == want
 
 
 def test_stop_tokens_and_eos(checkpoint, llm):

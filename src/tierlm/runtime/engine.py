@@ -369,11 +369,12 @@ class LLM:
     @staticmethod
     def _ids(batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """[B, T] the step's tokens (a decode row under speculation: its last token + drafts), 0-padded."""
-        ids = torch.zeros(len(batch), max(n for _, n in batch), dtype=torch.long)
-        for r, (seq, n) in enumerate(batch):
+        t = max(n for _, n in batch)
+        rows = []
+        for seq, n in batch:                 # built in Python: per-row tensor writes cost a call each
             s = seq.num_computed
-            ids[r, :n] = torch.tensor((seq.token_ids + seq.drafts)[s:s + n])
-        return ids
+            rows.append((seq.token_ids + seq.drafts)[s:s + n] + [0] * (t - n))
+        return torch.tensor(rows, dtype=torch.long)
 
     def _step(self, batch: list[tuple[Sequence, int]]):
         """The Step for rows starting at each sequence's num_computed with n new tokens each."""
@@ -381,23 +382,20 @@ class LLM:
         dev = self.device
         seqs = [s for s, _ in batch]
         t = max(n for _, n in batch)
-        positions = torch.zeros(len(batch), t, dtype=torch.long)
-        valid = torch.zeros(len(batch), t, dtype=torch.bool)
         c = getattr(self.model, "history", 0)
-        history = torch.full((len(batch), c), -1, dtype=torch.long)
-        for r, (seq, n) in enumerate(batch):
+        positions, valid, history = [], [], []
+        for seq, n in batch:                 # lists, then one tensor each: a decode step's rows are many
             s = seq.num_computed
-            positions[r] = s
-            positions[r, :n] = torch.arange(s, s + n)
-            valid[r, :n] = True
-            if c and s:
+            positions.append(list(range(s, s + n)) + [s] * (t - n))      # padding: the row's first position
+            valid.append([True] * n + [False] * (t - n))
+            if c:
                 past = seq.token_ids[max(0, s - c):s]
-                history[r, c - len(past):] = torch.tensor(past)
-        return Step(positions=positions.to(dev), valid=valid.to(dev),
+                history.append([-1] * (c - len(past)) + past)
+        return Step(positions=torch.tensor(positions, device=dev), valid=torch.tensor(valid, device=dev),
                     starts=torch.tensor([s.num_computed for s in seqs], device=dev),
                     lens=torch.tensor([n for _, n in batch], device=dev),
                     views=self.manager.pools.views(self.manager.tables(seqs, dev)),
-                    history=history.to(dev) if c else None)
+                    history=torch.tensor(history, dtype=torch.long, device=dev) if c else None)
 
     def _check_stop(self, seq: Sequence) -> None:
         p, tok = seq.params, seq.token_ids[-1]
