@@ -13,7 +13,7 @@
    `llama_state_load_file`, state file fsynced once and page cache dropped before each
    restore) + evaluating the last token, vs tierlm's disk reload + first token, each in a
    fresh context / engine, on the ~100M-parameter Llama of bench_llamacpp.py (f32 both).
-   Median of --repeat, alternating. The reload of this larger prefix (62.5 MiB at 4,000
+   Median of --repeat, alternating, who goes first too (A B B A ...). The reload of this larger prefix (62.5 MiB at 4,000
    tokens) is also compared with a raw read of the same bytes, as in 1.
 
     python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4000] [--repeat 3]
@@ -222,11 +222,19 @@ def llamacpp(tmp: Path, context: int, threads: int, repeat: int) -> dict:
         llm.eval(ids[-1:])
         return time.perf_counter() - start, load
 
+    def ours_round() -> dict:
+        r = reloads(ckpt, d, ids, 1, dtype=torch.float32)
+        assert r["disk_hit_tokens"] > 0
+        return r
+
     cpp, ours = [], []
-    for _ in range(repeat):                       # alternating, fresh engines, medians
-        cpp.append(cpp_round())
-        ours.append(reloads(ckpt, d, ids, 1, dtype=torch.float32))
-        assert ours[-1]["disk_hit_tokens"] > 0
+    for i in range(repeat):     # fresh engines, medians; who goes first alternates (A B B A ...), so a
+        if i % 2 == 0:          # machine that speeds up or slows down during the run favours neither
+            cpp.append(cpp_round())
+            ours.append(ours_round())
+        else:
+            ours.append(ours_round())
+            cpp.append(cpp_round())
     cpp_restore, cpp_load = (statistics.median(x) for x in zip(*cpp))
     ours_reload, ours_load = (statistics.median(r[k] for r in ours) for k in ("reload_ttft_s", "reload_s"))
     raw = statistics.median(r["raw_s"] for r in ours)
