@@ -13,8 +13,10 @@
    `llama_state_load_file`, state file fsynced once and page cache dropped before each
    restore) + evaluating the last token, vs tierlm's disk reload + first token, each in a
    fresh context / engine, on the ~100M-parameter Llama of bench_llamacpp.py (f32 both).
-   Median of --repeat, alternating, who goes first too (A B B A ...). The reload of this larger prefix (62.5 MiB at 4,000
-   tokens) is also compared with a raw read of the same bytes, as in 1.
+   Median of --repeat, alternating, who goes first too (A B B A ...). The reload of this
+   larger prefix (62.5 MiB at 4,000 tokens) is also compared with a raw read of the same
+   bytes, as in 1. The save, once each: llama.cpp's `llama_state_save_file` + fsync after its
+   prefill, against how long after tierlm's prefill returned its blocks were all on disk.
 
     python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4000] [--repeat 3]
 """
@@ -103,12 +105,17 @@ def ttft(llm: LLM, ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def fill(path, d: Path, ids, **kw) -> float:
-    """Prefill ids into a fresh disk tier; returns the recompute TTFT measured on the way."""
+def fill(path, d: Path, ids, **kw) -> tuple[float, float]:
+    """Prefill ids into a fresh disk tier; returns the recompute TTFT measured on the way and
+    how long after it returned every block was on disk (written and fsynced; the writer
+    thread writes them while the prefill runs)."""
     llm = LLM(path, cache_dir=d, tier_policy="recompute", max_model_len=len(ids) + 8, max_num_seqs=1, **kw)
     t = ttft(llm, ids)
+    start = time.perf_counter()
+    llm.store.flush()
+    durable = time.perf_counter() - start
     llm.close()
-    return t
+    return t, durable
 
 
 def reload_ttft(path, d: Path, ids, **kw) -> tuple[float, dict]:
@@ -199,14 +206,16 @@ def llamacpp(tmp: Path, context: int, threads: int, repeat: int) -> dict:
     cpp_prefill = time.perf_counter() - start
     state = tmp / "state.bin"
     arr = (llama_cpp.llama_token * len(ids))(*ids)
+    start = time.perf_counter()                   # the save: from the prefill's end to the state on disk
     assert llama_cpp.llama_state_save_file(llm.ctx, str(state).encode(), arr, len(ids) - 1)
-    del llm
     fd = os.open(state, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
+    cpp_save = time.perf_counter() - start
+    del llm
     # tierlm: the same weights and prefix into a disk tier
     d = tmp / "kv-llama"
-    ours_prefill = fill(ckpt, d, ids, dtype=torch.float32)
+    ours_prefill, ours_save = fill(ckpt, d, ids, dtype=torch.float32)
 
     def cpp_round() -> tuple[float, float]:
         """llama.cpp: restore in a fresh context, page cache dropped, then one token."""
@@ -240,6 +249,7 @@ def llamacpp(tmp: Path, context: int, threads: int, repeat: int) -> dict:
     raw = statistics.median(r["raw_s"] for r in ours)
     return {"context": context, "repeat": repeat, "llamacpp_state_bytes": state.stat().st_size,
             "llamacpp_prefill_s": cpp_prefill, "llamacpp_restore_s": cpp_restore, "llamacpp_load_s": cpp_load,
+            "llamacpp_save_s": cpp_save, "tierlm_save_s": ours_save,
             "tierlm_load_s": ours_load, "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
             "tierlm_disk_bytes": sum(f.stat().st_size for f in d.glob("seg-*.log")), "bytes": ours[0]["bytes"],
             "raw_s": raw, "reload_vs_raw": raw / ours_load,
@@ -265,7 +275,7 @@ def main() -> None:
         path = makers[name]()
         d = tmp / f"kv-{name}"
         ids = prompt(path, args.context)
-        recompute = fill(path, d, ids)
+        recompute, _ = fill(path, d, ids)
         bw = reloads(path, d, ids, args.repeat)
         reload = bw["reload_ttft_s"]
         plan = tierlm.plan(str(path), args.context, layout="tierlm", kv_dtype="fp32", indexer_dtype="fp32")
@@ -308,6 +318,8 @@ def main() -> None:
               f"(read, verify, into the pools) {lc['tierlm_load_s']:.3f} s: tierlm {lc['load_ratio']:.2f}x faster "
               f"(runs: llama.cpp " + ", ".join(f"{t:.3f}" for t in lc["llamacpp_load_runs_s"]) + " s; tierlm "
               + ", ".join(f"{t:.3f}" for t in lc["tierlm_load_runs_s"]) + " s)")
+        print(f"  save (one run each): llama.cpp llama_state_save_file + fsync after its prefill {lc['llamacpp_save_s']:.3f} s, "
+              f"tierlm's blocks on disk {lc['tierlm_save_s']:.3f} s after its prefill returned (written while it ran)")
         print(f"  reload bandwidth of this {lc['bytes'] / 2**20:.1f} MiB prefix: {lc['bytes'] / lc['tierlm_load_s'] / 1e9:.2f} "
               f"GB/s vs raw sequential read of the same bytes {lc['bytes'] / lc['raw_s'] / 1e9:.2f} GB/s: "
               f"ratio {lc['reload_vs_raw']:.2f}")
