@@ -111,6 +111,40 @@ def test_lookup_needs_the_hash_and_the_same_token_ids():
     assert pool.lookup(block_hash(b"root", ids[:16]), ids, 0) is None      # not held
 
 
+
+def test_blocks_are_placed_so_that_sequences_stay_consecutive():
+    """A sequence grows into the block after its last; a new one starts on the next multiple
+    of one sequence's room (extent) after the blocks in use before it; free blocks holding
+    nothing cached are taken before any cached one, and a cached one (least recently freed
+    first) only when none is left."""
+    from tierlm.runtime.blocks import BlockPool
+    pool = BlockPool(16, extent=6)
+    a = [pool.allocate()]
+    for _ in range(3):
+        a.append(pool.allocate(a[-1]))
+    assert a == [0, 1, 2, 3]
+    b = [pool.allocate()]
+    b.append(pool.allocate(b[-1]))
+    assert b == [6, 7]                                 # a keeps room for 6 blocks
+    assert pool.allocate() == 12
+    assert pool.allocate(a[-1]) == 4                   # a grows in place
+    a.append(4)
+    for blk in a:                                      # a ends; its blocks hold a cached prefix
+        pool.name(blk, bytes([blk]) * 32, [blk] * 16)
+    for blk in reversed(a):
+        pool.release(blk)
+    loose = [pool.allocate() for _ in range(8)]        # 5, 8-11, 13-15: nothing cached is evicted
+    assert sorted(loose) == [5, 8, 9, 10, 11, 13, 14, 15]
+    assert all(pool.lookup(bytes([blk]) * 32, [blk] * 16, 0) == blk for blk in a)
+    assert pool.allocate() == 4                        # then the least recently freed cached block
+    assert pool.lookup(bytes([4]) * 32, [4] * 16, 0) is None
+    pool.forget()                                      # weights changed: every free block is loose
+    assert pool.allocate() == 0
+    tight = BlockPool(5, extent=6)                     # no multiple of 6 left: halfway into the stretch
+    tight.allocate()
+    assert tight.allocate() == 3
+
+
 # Families whose streams are all per-token resume at a whole cached prompt's last token; a
 # window group (Gemma 3's sliding layers) needs the state at a block's end, so it computes
 # the last block again.

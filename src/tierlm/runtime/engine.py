@@ -101,7 +101,8 @@ class LLM:
             self.store = self._tiers(pools, root, cache_dir, kv_tiers, host_cache_bytes, disk_cache_bytes,
                                      tier_policy, tier_write, enable_prefix_caching, remote_cache_bytes, cache_ttl_s)
         self.manager = CacheManager(pools, root, enable_prefix_caching,
-                                    keep_last_block=self.speculator is not None, store=self.store)
+                                    keep_last_block=self.speculator is not None, store=self.store,
+                                    extents=self.blocks_per_sequence)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max_num_batched_tokens, reserve=reserve)
         if self.speculator is not None:
             self.speculator.bind(self)
@@ -178,6 +179,7 @@ class LLM:
         for max_num_seqs such sequences, within a quarter of free RAM (90% of free GPU memory)."""
         need = {g: (-(-self.max_model_len // self.block) if g == 0 else -(-(g + chunk) // self.block) + 1)
                 for g in per_block}
+        self.blocks_per_sequence = need
         self.bytes_per_sequence = sum(need[g] * per_block[g] for g in per_block)
         if cache_bytes is None:
             cache_bytes = min(seqs * self.bytes_per_sequence, max(_memory_budget(self.device), self.bytes_per_sequence))

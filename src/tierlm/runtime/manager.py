@@ -22,16 +22,17 @@ from .sequence import Sequence
 
 class CacheManager:
     def __init__(self, pools: CachePools, root: bytes, prefix_caching: bool = True, keep_last_block: bool = False,
-                 store=None):
+                 store=None, extents: dict[int, int] | None = None):
         """keep_last_block: a hit gives back its last matched block (MTP draft layers: the draft's
         entry at a block's last position depends on the next block's first token). store: a
-        `tierlm.tiers.TierStore` below the pools (None: device only)."""
+        `tierlm.tiers.TierStore` below the pools (None: device only). extents: blocks of each
+        group one sequence of max_model_len holds (`BlockPool` places sequences by it)."""
         self.pools, self.root, self.prefix_caching, self.store = pools, root, prefix_caching, store
         self.hit_by_tier: dict[str, int] = {}
         self.drop = int(keep_last_block)
         self.block = pools.block
         self.groups = pools.groups
-        self.bp = {g: BlockPool(pools.blocks[g]) for g in self.groups}
+        self.bp = {g: BlockPool(pools.blocks[g], (extents or {}).get(g, 1)) for g in self.groups}
         # Per-token streams only: a prompt cached to its last token resumes at that token
         # (`_resume_last`), as no state at a block's end is needed to go on from inside it.
         self.resume_last = self.groups == [0] and not self.drop
@@ -69,7 +70,7 @@ class CacheManager:
             table.extend([-1] * (r.stop - len(table)))
             for i in r:
                 if table[i] < 0:
-                    table[i] = self.bp[g].allocate()
+                    table[i] = self.bp[g].allocate(table[i - 1] if i else -1)
 
     def trim(self, seq: Sequence) -> None:
         """Free window blocks wholly older than every position the sequence will read again."""
@@ -223,7 +224,7 @@ class CacheManager:
             seq.hashes.pop()
             seq.num_computed = (n - 1) * self.block
             return
-        new = self.bp[0].allocate()
+        new = self.bp[0].allocate(table[n - 2] if n > 1 else -1)
         for t in self.pools.pages.values():          # all group 0: resume_last has no other group
             t[new].copy_(t[old])
         self.bp[0].release(old)
@@ -310,7 +311,7 @@ class CacheManager:
         keys, sizes, need = plan
         b, store, lost = self.block, self.store, need.get(0, [])
         for i in lost:
-            seq.tables[0][i] = self.bp[0].allocate()
+            seq.tables[0][i] = self.bp[0].allocate(seq.tables[0][i - 1] if i else -1)
         ids = [seq.tables[0][i] for i in lost]
         got = store.load(keys, sizes, into=ids + [None] * (len(keys) - len(ids)))
         if len(got) < len(keys):
@@ -334,7 +335,7 @@ class CacheManager:
                 if seq.tables[g][i] >= 0:
                     spans[g].append(-1)                   # a device hit: keep it
                 else:
-                    seq.tables[g][i] = self.bp[g].allocate()
+                    seq.tables[g][i] = self.bp[g].allocate(seq.tables[g][i - 1] if i else -1)
                     spans[g].append(seq.tables[g][i])
                     self.bp[g].name(seq.tables[g][i], chain[i], seq.token_ids[i * b:(i + 1) * b])
         store.restore_resume(resume, spans)

@@ -64,7 +64,7 @@ from ...spec.model import LayerSpec, ModelSpec, RopeConfig
 from ..cache import Cache
 from ..layers import SwiGLU, linear, rope_inv_freq
 from ..moe import dispatch
-from ..ops import Step, gather, store
+from ..ops import Step, gather, gather_rows, store
 from ..quant import fake_quant, hadamard
 
 REFERENCES = ("official", "transformers")
@@ -321,38 +321,61 @@ class MLA(nn.Module):
         view = step.view(self.layer, "latent")
         store(view, step.new_index(), torch.cat([self.kv_a_layernorm(kv[..., :C]), k_pe], dim=-1))
         sparse = bool(a.index_heads)
+        absorb = a.absorb if a.absorb is not None else sparse or T == 1
         if sparse:     # each query reads only its own top-k entries
             if self.has_indexer:
                 top = self.indexer(x, qr, rope, step, self.layer)
             assert top is not None, "a shared DSA layer needs a previous indexer layer"
-            entries, mask = gather(view, top), top >= 0                                # [B,T,K,C+R], [B,T,K]
-            ks = "btk"
+            o = self._attend(q_nope, q_pe, gather(view, top), top >= 0, "btk", absorb, top, step)  # [B,T,K,C+R]
         else:          # every query of a row reads the row's visible entries
             keys = step.key_index()                                                    # [B,S]
-            entries, mask = gather(view, keys), step.visible()                          # [B,S,C+R], [B,T,S]
-            ks = "bk"
-        latent, k_pe = entries[..., :C], entries[..., C:]
-        absorb = a.absorb if a.absorb is not None else sparse or T == 1
+            rows = gather_rows(view, keys) if T == 1 and B > 1 and absorb else None
+            if rows is not None:   # decode: each sequence over its own entries, where they lie
+                wkv_b = self.kv_b_proj.weight.view(H, N + V, C)
+                q_lat = torch.einsum("bthn,hnc->bthc", q_nope, wkv_b[:, :N])
+                o = torch.cat([self._absorbed(q_lat[b:b + 1], q_pe[b:b + 1], r.unsqueeze(0), None, "bk", top, step)
+                               for b, r in enumerate(rows)])
+                o = torch.einsum("bthc,hvc->bthv", o, wkv_b[:, N:])
+            else:
+                o = self._attend(q_nope, q_pe, gather(view, keys), step.visible(), "bk", absorb, top, step)  # [B,S,C+R]
+        return self.o_proj(o.reshape(B, T, H * V)), top
+
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entries: torch.Tensor, mask: torch.Tensor | None,
+                ks: str, absorb: bool, top: torch.Tensor | None, step: Step) -> torch.Tensor:
+        """Attention of q [B,T,H,N] / [B,T,H,R] over latent entries ([B,S,C+R] for ks "bk",
+        [B,T,K,C+R] for "btk") under mask ([B,T,S|K]) -> [B,T,H,V]."""
+        a = self.args
+        H, N, V, C = a.n_heads, a.qk_nope, a.v_head, a.kv_lora_rank
         wkv_b = self.kv_b_proj.weight.view(H, N + V, C)
         if absorb:     # MQA over the latent: fold W_UK into q and W_UV into the output
             q_lat = torch.einsum("bthn,hnc->bthc", q_nope, wkv_b[:, :N])
-            scores = (torch.einsum(f"bthc,{ks}c->bhtk", q_lat, latent)
-                      + torch.einsum(f"bthr,{ks}r->bhtk", q_pe, k_pe)) * a.softmax_scale
-        else:          # decompress K/V for every head
-            kv_full = linear(latent, self.kv_b_proj.weight).unflatten(-1, (H, N + V))   # [B,(T,)S|K,H,N+V]
-            k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], H, R)], dim=-1)
-            scores = torch.einsum(f"bthd,{ks}hd->bhtk", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        if sparse and a.exact_fp32 and x.dtype == torch.float64:
-            probs = dense_softmax(scores, top, int(step.ends.max()), torch.float32).to(x.dtype)
-        else:
-            probs = scores.softmax(dim=-1, dtype=a.up(x.dtype)).to(x.dtype)            # [B,H,T,S|K]
-        if absorb:
-            o = torch.einsum(f"bhtk,{ks}c->bthc", probs, latent)
-            o = torch.einsum("bthc,hvc->bthv", o, wkv_b[:, N:])
-        else:
-            o = torch.einsum(f"bhtk,{ks}hv->bthv", probs, kv_full[..., N:])
-        return self.o_proj(o.reshape(B, T, H * V)), top
+            o = self._absorbed(q_lat, q_pe, entries, mask, ks, top, step)
+            return torch.einsum("bthc,hvc->bthv", o, wkv_b[:, N:])
+        latent, k_pe = entries[..., :C], entries[..., C:]    # decompress K/V for every head
+        kv_full = linear(latent, self.kv_b_proj.weight).unflatten(-1, (H, N + V))   # [B,(T,)S|K,H,N+V]
+        k = torch.cat([kv_full[..., :N], k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], H, a.qk_rope)], dim=-1)
+        scores = torch.einsum(f"bthd,{ks}hd->bhtk", torch.cat([q_nope, q_pe], dim=-1), k) * a.softmax_scale
+        probs = self._softmax(scores, mask, ks, top, step)
+        return torch.einsum(f"bhtk,{ks}hv->bthv", probs, kv_full[..., N:])
+
+    def _absorbed(self, q_lat: torch.Tensor, q_pe: torch.Tensor, entries: torch.Tensor, mask: torch.Tensor | None,
+                  ks: str, top: torch.Tensor | None, step: Step) -> torch.Tensor:
+        """Absorbed MLA in latent space: q_lat [B,T,H,C] (W_UK folded in) and q_pe over the
+        entries -> [B,T,H,C], W_UV still to apply. mask None: every entry is visible."""
+        C = self.args.kv_lora_rank
+        latent, k_pe = entries[..., :C], entries[..., C:]
+        scores = (torch.einsum(f"bthc,{ks}c->bhtk", q_lat, latent)
+                  + torch.einsum(f"bthr,{ks}r->bhtk", q_pe, k_pe)) * self.args.softmax_scale
+        return torch.einsum(f"bhtk,{ks}c->bthc", self._softmax(scores, mask, ks, top, step), latent)
+
+    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None, ks: str, top: torch.Tensor | None,
+                 step: Step) -> torch.Tensor:
+        a = self.args
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        if ks == "btk" and a.exact_fp32 and scores.dtype == torch.float64:
+            return dense_softmax(scores, top, int(step.ends.max()), torch.float32).to(scores.dtype)
+        return scores.softmax(dim=-1, dtype=a.up(scores.dtype)).to(scores.dtype)      # [B,H,T,S|K]
 
 
 # ------------------------------------------------------------------------------ MoE

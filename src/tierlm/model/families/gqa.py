@@ -17,7 +17,7 @@ from torch import nn
 
 from ...spec.model import LayerSpec, ModelSpec
 from ..cache import Cache
-from ..ops import Step, gather, store
+from ..ops import Step, gather, gather_rows, store
 from ..engram import Engram, EngramHashing
 from ..layers import RMSNorm, SwiGLU, SwiGLUW, apply_rope, linear, rope_cos_sin, rope_inv_freq, sigmoid
 from ..moe import dispatch
@@ -90,6 +90,10 @@ class Attention(nn.Module):
         store(kview, new, k.flatten(2))
         store(vview, new, v.flatten(2))
         keys = step.key_index(self.window or 0)                            # [B, S] positions
+        if T == 1 and B > 1 and self.sinks is None:
+            rows = gather_rows(kview, keys), gather_rows(vview, keys)
+            if rows[0] is not None and rows[1] is not None:                # decode: each row where it is
+                return self.o_proj(self._attend_rows(q, *rows).reshape(B, 1, -1))
         k = gather(kview, keys).view(B, -1, self.kv_heads, self.head_dim)
         v = gather(vview, keys).view(B, -1, self.kv_heads, v.shape[-1])
         visible = step.visible(self.window or 0)                           # [B, T, S]
@@ -108,6 +112,17 @@ class Attention(nn.Module):
             logits = logits - logits.amax(dim=-1, keepdim=True)
             out = torch.softmax(logits, dim=-1)[..., :-1] @ v                # the sink's share is dropped
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_rows(self, q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+        """Decode attention one sequence at a time over its own entries, read in place: q [B, 1,
+        H, D], ks / vs [S_b, KV * D] per row -> [B, H, 1, Dv]. A row's query sees every one of its
+        entries (the key index holds its window or whole context), so no mask."""
+        out = []
+        for b, (k, v) in enumerate(zip(ks, vs)):
+            k = k.view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)    # [1, KV, S_b, D]
+            v = v.view(1, -1, self.kv_heads, v.shape[-1] // self.kv_heads).transpose(1, 2)
+            out.append(_attend(q[b:b + 1].transpose(1, 2), k, v, None, self.head_dim ** -0.5))
+        return torch.cat(out)                                                  # [B, H, 1, Dv]
 
 
 class MoE(nn.Module):
