@@ -57,12 +57,29 @@ class StreamView:
         self.memo[key] = (index, *out)
         return out
 
+    def run(self, index: torch.Tensor) -> int | None:
+        """The first slot when index [1, ...] (one sequence) names held entries in consecutive
+        slots, as a sequence whose pages were allocated together has them; else None. Only
+        for CPU pages (the check reads the slots, which on an accelerator would wait for it).
+        Kept for the step, like `slots`."""
+        key = ("run", id(self.table), self.per_page, id(index))
+        hit = self.memo.get(key)
+        if hit is not None and hit[0] is index:
+            return hit[1]
+        first = None
+        if index.shape[0] == 1 and index.numel() > 1 and self.pages.device.type == "cpu":
+            slot, ok = self.slots(index)
+            flat = slot.reshape(-1)
+            if bool(ok.all()) and bool((flat[1:] - flat[:-1] == 1).all()):
+                first = int(flat[0])
+        self.memo[key] = (index, first)
+        return first
+
     def runs(self, index: torch.Tensor) -> list[list[tuple[int, int]]] | None:
         """Per row of index [B, ...], its entries as runs of consecutive slots [(first slot,
         entries)], in order, when every entry it names is held and only -1 follows its last
         (a sequence's key index, padded past its end); else None. A sequence whose pages were
-        allocated together is one run. Only for CPU pages (the check reads the slots, which on
-        an accelerator would wait for it). Kept for the step, like `slots`."""
+        allocated together is one run. CPU pages only, like `run`; kept for the step."""
         key = ("runs", id(self.table), self.per_page, id(index))
         hit = self.memo.get(key)
         if hit is not None and hit[0] is index:
@@ -112,9 +129,8 @@ def gather(view: StreamView, index: torch.Tensor) -> torch.Tensor:
     result may be a view of the pages (callers only read it, before the step's next store
     into that stream)."""
     flat = view.pages.view(-1, view.pages.shape[-1])
-    runs = view.runs(index) if index.shape[0] == 1 else None
-    if runs and len(runs[0]) == 1 and runs[0][0][1] == index.numel():   # one run: the pages themselves, nothing copied
-        first = runs[0][0][0]
+    first = view.run(index)
+    if first is not None:       # consecutive slots: the pages themselves, nothing copied (read-only use)
         return decode(view, flat[first:first + index.numel()]).view(*index.shape, -1)
     slot, _ = view.slots(index)
     # index_select, not flat[slot]: advanced indexing ran 2-3x slower for these row copies
