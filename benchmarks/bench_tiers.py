@@ -16,7 +16,8 @@
    Median of --repeat, alternating, who goes first too (A B B A ...). The reload of this
    larger prefix (62.5 MiB at 4,000 tokens) is also compared with a raw read of the same
    bytes, as in 1. The save, once each: llama.cpp's `llama_state_save_file` + fsync after its
-   prefill, against how long after tierlm's prefill returned its blocks were all on disk.
+   prefill, against how long after tierlm's prefill returned its blocks were all on disk
+   (and that prefill against one with no tiers); save + restore is the two added.
 
     python benchmarks/bench_tiers.py [--context 32768] [--llamacpp-context 4000] [--repeat 3]
 """
@@ -216,6 +217,9 @@ def llamacpp(tmp: Path, context: int, threads: int, repeat: int) -> dict:
     # tierlm: the same weights and prefix into a disk tier
     d = tmp / "kv-llama"
     ours_prefill, ours_save = fill(ckpt, d, ids, dtype=torch.float32)
+    plain = LLM(ckpt, max_model_len=len(ids) + 8, max_num_seqs=1, dtype=torch.float32)
+    ours_plain_prefill = ttft(plain, ids)           # the same prefill with no tier to write to
+    plain.close()
 
     def cpp_round() -> tuple[float, float]:
         """llama.cpp: restore in a fresh context, page cache dropped, then one token."""
@@ -249,7 +253,8 @@ def llamacpp(tmp: Path, context: int, threads: int, repeat: int) -> dict:
     raw = statistics.median(r["raw_s"] for r in ours)
     return {"context": context, "repeat": repeat, "llamacpp_state_bytes": state.stat().st_size,
             "llamacpp_prefill_s": cpp_prefill, "llamacpp_restore_s": cpp_restore, "llamacpp_load_s": cpp_load,
-            "llamacpp_save_s": cpp_save, "tierlm_save_s": ours_save,
+            "llamacpp_save_s": cpp_save, "tierlm_save_s": ours_save, "tierlm_prefill_no_tiers_s": ours_plain_prefill,
+            "save_restore_ratio": (cpp_save + cpp_load) / (ours_save + ours_load),
             "tierlm_load_s": ours_load, "tierlm_prefill_s": ours_prefill, "tierlm_reload_s": ours_reload,
             "tierlm_disk_bytes": sum(f.stat().st_size for f in d.glob("seg-*.log")), "bytes": ours[0]["bytes"],
             "raw_s": raw, "reload_vs_raw": raw / ours_load,
@@ -319,7 +324,10 @@ def main() -> None:
               f"(runs: llama.cpp " + ", ".join(f"{t:.3f}" for t in lc["llamacpp_load_runs_s"]) + " s; tierlm "
               + ", ".join(f"{t:.3f}" for t in lc["tierlm_load_runs_s"]) + " s)")
         print(f"  save (one run each): llama.cpp llama_state_save_file + fsync after its prefill {lc['llamacpp_save_s']:.3f} s, "
-              f"tierlm's blocks on disk {lc['tierlm_save_s']:.3f} s after its prefill returned (written while it ran)")
+              f"tierlm's blocks on disk {lc['tierlm_save_s']:.3f} s after its prefill returned (written while it ran; "
+              f"that prefill {lc['tierlm_prefill_s']:.2f} s, the same prefill with no tiers {lc['tierlm_prefill_no_tiers_s']:.2f} s)")
+        print(f"  save + restore: llama.cpp {lc['llamacpp_save_s'] + lc['llamacpp_load_s']:.3f} s, tierlm "
+              f"{lc['tierlm_save_s'] + lc['tierlm_load_s']:.3f} s: tierlm {lc['save_restore_ratio']:.2f}x faster")
         print(f"  reload bandwidth of this {lc['bytes'] / 2**20:.1f} MiB prefix: {lc['bytes'] / lc['tierlm_load_s'] / 1e9:.2f} "
               f"GB/s vs raw sequential read of the same bytes {lc['bytes'] / lc['raw_s'] / 1e9:.2f} GB/s: "
               f"ratio {lc['reload_vs_raw']:.2f}")
