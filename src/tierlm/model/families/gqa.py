@@ -32,10 +32,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            scale: float) -> torch.Tensor:
+            scale: float, causal: bool = False) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k, v [B, KV, S, D] (query head h reads KV head h // (H / KV))
-    under mask [B, 1, T, S] (None: every query sees every key; SDPA's masked path took ~1.4x
-    as long at 4k context here). A decode step (T = 1) folds the H / KV query heads of each KV
+    under mask [B, 1, T, S] (None: every query sees every key, or with `causal` key j <= query
+    i, `Step.causal`; SDPA's masked path took ~1.4x as long at 4k context here). A decode step (T = 1) folds the H / KV query heads of each KV
     head into its query rows, [B, KV, H / KV, D]: the same dot products, but each K/V head is
     read once instead of through enable_gqa's expansion (1.5-1.8x faster per layer at 4k
     context and at batch 16 here; prefill chunks gain nothing, so they keep enable_gqa)."""
@@ -46,7 +46,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             mask = mask.expand(B, 1, H // kv, mask.shape[-1])
         out = F.scaled_dot_product_attention(q.reshape(B, kv, H // kv, D), k, v, attn_mask=mask, scale=scale)
         return out.reshape(B, H, 1, -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H > kv)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=H > kv)
 
 
 class Attention(nn.Module):
@@ -99,9 +99,11 @@ class Attention(nn.Module):
         visible = step.visible(self.window or 0)                           # [B, T, S]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T or S, D]
         rep = self.heads // self.kv_heads
-        if self.sinks is None:
+        if self.sinks is None and step.causal(self.window or 0):
+            out = _attend(q, k, v, None, self.head_dim ** -0.5, causal=True)      # [B, H, T, Dv]
+        elif self.sinks is None:
             mask = None if step.sees_all(self.window or 0) else visible[:, None]
-            out = _attend(q, k, v, mask, self.head_dim ** -0.5)                  # [B, H, T, Dv]
+            out = _attend(q, k, v, mask, self.head_dim ** -0.5)
         else:
             # gpt-oss: a learned logit per head joins each softmax denominator (attends to nothing)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
