@@ -95,7 +95,8 @@ class StreamView:
                 cuts = [[0] for _ in range(b)]                   # where each row's runs start
                 for r, c in zip(rows.tolist(), (cols + 1).tolist()):
                     cuts[r].append(c)
-                firsts = slot.gather(1, torch.tensor([c + [0] * (max(map(len, cuts)) - len(c)) for c in cuts])).tolist()
+                width = max(map(len, cuts))
+                firsts = slot.gather(1, torch.tensor([c + [0] * (width - len(c)) for c in cuts])).tolist()
                 out = [[(f, e - c) for f, c, e in zip(firsts[r], cuts[r], cuts[r][1:] + [n[r]])] for r in range(b)]
         self.memo[key] = (index, out)
         return out

@@ -35,10 +35,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             scale: float, causal: bool = False) -> torch.Tensor:
     """SDPA of q [B, H, T, D] over k, v [B, KV, S, D] (query head h reads KV head h // (H / KV))
     under mask [B, 1, T, S] (None: every query sees every key, or with `causal` key j <= query
-    i, `Step.causal`; SDPA's masked path took ~1.4x as long at 4k context here). A decode step (T = 1) folds the H / KV query heads of each KV
-    head into its query rows, [B, KV, H / KV, D]: the same dot products, but each K/V head is
-    read once instead of through enable_gqa's expansion (1.5-1.8x faster per layer at 4k
-    context and at batch 16 here; prefill chunks gain nothing, so they keep enable_gqa)."""
+    i, `Step.causal`; SDPA's masked path took ~1.4x as long at 4k context here). A decode
+    step (T = 1) folds the H / KV query heads of each KV head into its query rows, [B, KV,
+    H / KV, D]: the same dot products, but each K/V head is read once instead of through
+    enable_gqa's expansion (1.5-1.8x faster per layer at 4k context and at batch 16 here;
+    prefill chunks gain nothing, so they keep enable_gqa)."""
     B, H, T, D = q.shape
     kv = k.shape[1]
     if T == 1 and H > kv:
