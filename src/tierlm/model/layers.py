@@ -156,21 +156,29 @@ class SwiGLUW(nn.Module):
         return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
-def _onednn_linear() -> bool:
-    """Whether this torch build has oneDNN's linear (CPU builds for x86 and ARM do)."""
-    try:
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 2), torch.zeros(3, 2), None, "none", [], "")
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+def _onednn_dtypes() -> frozenset:
+    """The dtypes oneDNN's linear runs in this torch build on this CPU (CPU builds for x86
+    and ARM have it; bfloat16 needs CPU support: an AVX2-only AMD EPYC refused it with "could
+    not create a primitive descriptor")."""
+    ok = set()
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 2, dtype=dtype), torch.zeros(3, 2, dtype=dtype), None,
+                                               "none", [], "")
+            ok.add(dtype)
+        except (AttributeError, RuntimeError):
+            pass
+    return frozenset(ok)
 
 
-ONEDNN = _onednn_linear()
-_onednn = torch.ops.mkldnn._linear_pointwise if ONEDNN else None
+ONEDNN_DTYPES = _onednn_dtypes()
+ONEDNN = torch.float32 in ONEDNN_DTYPES
+_onednn = torch.ops.mkldnn._linear_pointwise if ONEDNN_DTYPES else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, run by oneDNN for float32 / bfloat16 inference on CPU.
+    """F.linear, run by oneDNN for float32 / bfloat16 inference on CPU, each where this CPU
+    has oneDNN's kernel for it (`ONEDNN_DTYPES`).
 
     Why: torch's CPU F.linear goes to MKL, whose results change with the thread count (its
     reductions split differently: a 256 x 256 matrix-vector product at 3+ threads, 16-row
@@ -182,7 +190,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     later. Same weight, no repacking. Training (autograd), float64 and other devices keep
     F.linear.
     """
-    if (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+    if (x.dtype in ONEDNN_DTYPES and x.device.type == "cpu" and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return _onednn(x, weight, bias, "none", [], "")
